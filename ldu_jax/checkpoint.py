@@ -1,0 +1,134 @@
+"""Checkpoints: orbax managers with automatic resume, and import of official shortcut-models pickles.
+
+A work dir holds ``checkpoints/<step>/{state, meta}``: ``state`` the train state (orbax), ``meta``
+JSON with the model config and every parameter's shape, so a work dir made for another model is
+reported as such instead of failing deep inside orbax.
+
+Convert an official shortcut-models checkpoint (a pickle; only with an explicit flag, since
+unpickling runs code from the file):
+
+    python -m ldu_jax.checkpoint --pickle=ckpt.pkl --config=configs/shortcut_celebahq256.py \
+        --workdir=runs/celeba_official --allow_pickle
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def param_shapes(params) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
+
+
+def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=opts)
+
+
+def save(manager, step: int, state, meta: dict):
+    manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def read_meta(manager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_compatible(saved: dict, current: dict, where: str):
+    """Raise CheckpointMismatchError naming the first parameter whose shape differs."""
+    a, b = saved.get("param_shapes", {}), current["param_shapes"]
+    diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        k = diffs[0]
+        raise CheckpointMismatchError(
+            f"{where} holds a checkpoint of a different model: parameter {k} has shape {a.get(k)} there "
+            f"but {b.get(k)} with this config ({len(diffs)} parameters differ; saved model config: "
+            f"{saved.get('model')}). Use another --workdir or the config that made it.")
+
+
+def restore_latest(manager, abstract_state, meta: dict, where: str):
+    """Restore the newest checkpoint into ``abstract_state``'s shapes and shardings, or None."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    check_compatible(read_meta(manager, step), meta, where)
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except (ValueError, KeyError) as e:
+        raise CheckpointMismatchError(f"checkpoint {step} in {where} does not fit this config "
+                                      f"(optimizer or state layout changed?): {e}") from e
+    return out["state"]
+
+
+def restore_params(workdir: str, ema: bool = True, step: int | None = None):
+    """(params, meta) of a work dir's latest (or given) checkpoint, as host arrays."""
+    manager = make_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return state["params_ema" if ema else "params"], read_meta(manager, step)
+
+
+def load_official_pickle(path: str, allow_pickle: bool = False) -> dict:
+    """The ``train_state`` dict of a shortcut-models checkpoint. Refuses unless ``allow_pickle``."""
+    if not allow_pickle:
+        raise PermissionError(
+            f"{path} is a pickle; unpickling can run arbitrary code from the file. Pass allow_pickle=True "
+            "(--allow_pickle on the command line) only for files you trust.")
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    if not isinstance(data, dict) or "train_state" not in data or "params" not in data["train_state"]:
+        raise ValueError(f"{path} is not a shortcut-models checkpoint (expected a dict with "
+                         "['train_state']['params'])")
+    return data["train_state"]
+
+
+def _main(argv):
+    from absl import flags
+    from ml_collections import config_flags
+    import jax.numpy as jnp
+
+    from ldu_jax.shortcut import trainer
+    from ldu_jax.models.dit import dit_from_config
+
+    f = flags.FLAGS
+    cfg = f.config
+    ts = load_official_pickle(f.pickle, f.allow_pickle)
+    params = jax.tree_util.tree_map(jnp.asarray, ts["params"])
+    params_ema = jax.tree_util.tree_map(jnp.asarray, ts.get("params_ema", ts["params"]))
+    out_channels = int(np.shape(params["FinalLayer_0"]["Dense_1"]["kernel"])[1]) // cfg.model.patch_size ** 2
+    model = dit_from_config(cfg.model, out_channels)
+    tx, _ = trainer.make_optimizer(cfg.optim, cfg.max_steps)
+    size = f.latent_size
+    ref = jax.eval_shape(lambda: trainer.init_state(model, tx, jax.random.PRNGKey(0), (1, size, size, out_channels)))
+    meta = {"model": cfg.model.to_dict(), "param_shapes": param_shapes(ref.params),
+            "data_shape": [size, size, out_channels]}
+    check_compatible({"param_shapes": param_shapes(params), "model": "the pickle"}, meta, f.pickle)
+    # As the public train.py does when it loads a checkpoint, the optimizer state starts afresh.
+    state = trainer.TrainState(step=jnp.asarray(int(np.asarray(ts.get("step", 0))), jnp.int32), params=params,
+                               params_ema=params_ema, opt_state=tx.init(params))
+    manager = make_manager(f.workdir)
+    save(manager, int(state.step), state, meta)
+    manager.wait_until_finished()
+    print(f"wrote step {int(state.step)} to {os.path.join(f.workdir, 'checkpoints')}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+    flags.DEFINE_string("pickle", None, "shortcut-models checkpoint (pickle)", required=True)
+    flags.DEFINE_string("workdir", None, "output work dir", required=True)
+    flags.DEFINE_bool("allow_pickle", False, "allow unpickling the file (it can run code)")
+    flags.DEFINE_integer("latent_size", 32, "spatial size of the model input (32 for 256 px SD latents)")
+    config_flags.DEFINE_config_file("config", None, "model config (configs/shortcut_*.py)", lock_config=True)
+    app.run(_main)

@@ -1,0 +1,236 @@
+"""Image folders in and out: listing, robust decoding, deterministic batches, saving.
+
+Images are float32 HxWx3 arrays in [-1, 1]. Nothing here uses JAX or global state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import tempfile
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+
+_ALPHA_MODES = ('RGBA', 'LA', 'PA', 'La', 'RGBa')
+_WHITE = (255, 255, 255)
+
+
+class DataError(ValueError):
+    """A dataset folder or image file cannot be used."""
+
+
+def list_images(root) -> list[pathlib.Path]:
+    """Image files under `root`, recursive and sorted; hidden files and folders are skipped."""
+    root = pathlib.Path(root)
+    if not root.exists():
+        raise DataError(f'dataset folder {root} does not exist')
+    if not root.is_dir():
+        raise DataError(f'dataset path {root} is not a folder')
+    paths = sorted(
+        p for p in root.rglob('*')
+        if p.suffix.lower() in IMAGE_EXTS
+        and not any(part.startswith('.') for part in p.relative_to(root).parts)
+        and p.is_file())
+    if not paths:
+        raise DataError(f'no image files ({", ".join(IMAGE_EXTS)}) found under {root}')
+    return paths
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited over white."""
+    if img.mode.startswith('I'):  # 16-bit ('I;16', 'I;16B', ...) or 32-bit int holding 16-bit data
+        a = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L')
+    elif img.mode == 'F':  # float, on PIL's 0..255 scale
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), 'L')
+    if img.mode in _ALPHA_MODES or 'transparency' in img.info:
+        rgba = img.convert('RGBA')
+        bg = Image.new('RGBA', rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(bg, rgba).convert('RGB')
+    return img.convert('RGB')
+
+
+def load_image(path, size: int) -> np.ndarray:
+    """Decode, orient, centre-crop and resize one file to float32 [size, size, 3] in [-1, 1]."""
+    path = pathlib.Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f'{path}: empty file (0 bytes)')
+        with Image.open(path) as img:
+            img.draft(img.mode, (size, size))  # JPEG: cheap downscale while decoding
+            img.load()
+            img = _to_rgb(ImageOps.exif_transpose(img))
+        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f'{path}: not a recognised image file') from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f'{path}: cannot decode ({type(e).__name__}: {e})') from None
+    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+def load_images(paths: Sequence, size: int):
+    """Decode what can be decoded: returns (images [N, size, size, 3], good_paths, [(path, reason)])."""
+    images, good, bad = [], [], []
+    for p in paths:
+        try:
+            images.append(load_image(p, size))
+            good.append(p)
+        except DataError as e:
+            bad.append((p, str(e)))
+    arr = np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
+    return arr, good, bad
+
+
+def report_bad(bad, total: int, log: Callable[[str], None] = print) -> None:
+    """Log one line per unusable file, then a count line; nothing when all files were fine."""
+    if not bad:
+        return
+    for path, reason in bad:
+        log(f'skipped {path}: {reason}')
+    log(f'skipped {len(bad)} of {total} files')
+
+
+class ImageFolder:
+    """The images of one folder, this host's share, as an infinite deterministic batch stream.
+
+    Files are decoded lazily (per batch) and, with `cache`, kept in memory. Files that fail
+    to decode are remembered in `bad`, logged once, and replaced in batches by the next
+    usable file of the epoch's permutation.
+    """
+
+    def __init__(self, root, size: int, *, process_index: int = 0, process_count: int = 1,
+                 cache: bool = True, log: Callable[[str], None] = print):
+        self.root = pathlib.Path(root)
+        self.size = size
+        self.process_index = process_index
+        self.cache = cache
+        self._log = log
+        self._bad: dict[pathlib.Path, str] = {}
+        self._images: dict[pathlib.Path, np.ndarray] = {}
+        all_paths = list_images(self.root)
+        self.paths = all_paths[process_index::process_count]
+        if not self.paths:
+            raise DataError(f'{self.root}: {len(all_paths)} images, none for process '
+                            f'{process_index} of {process_count}')
+        if not any(self._get(p) is not None for p in self.paths):  # stops at the first usable file
+            raise DataError(f'no usable images under {self.root}: all {len(self._bad)} files '
+                            f'failed to decode (first: {next(iter(self._bad.values()))})')
+
+    @property
+    def bad(self) -> list[tuple[pathlib.Path, str]]:
+        return list(self._bad.items())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _get(self, path) -> np.ndarray | None:
+        """Decoded image, or None for a (remembered) bad file."""
+        if path in self._bad:
+            return None
+        img = self._images.get(path)
+        if img is None:
+            try:
+                img = load_image(path, self.size)
+            except DataError as e:
+                self._bad[path] = str(e)
+                self._log(f'skipped {path}: {e}')
+                return None
+            if self.cache:
+                self._images[path] = img
+        return img
+
+    def _epoch(self, seed: int, epoch: int):
+        rng = np.random.default_rng([seed, epoch, self.process_index])
+        n = len(self.paths)
+        return rng.permutation(n), rng.random(n) < 0.5
+
+    def batches(self, batch_size: int, seed: int, *, flip: bool = True,
+                start_step: int = 0) -> Iterator[np.ndarray]:
+        """Yield batches start_step, start_step+1, ...; batch k depends only on (seed, k, process_index).
+
+        Sample i = k * batch_size + j is position i % n of epoch i // n's permutation.
+        """
+        n = len(self.paths)
+        epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for step in _count(start_step):
+            out = np.empty((batch_size, self.size, self.size, 3), np.float32)
+            for j in range(batch_size):
+                epoch, pos = divmod(step * batch_size + j, n)
+                if epoch not in epochs:
+                    epochs = {e: v for e, v in epochs.items() if e >= epoch - 1}
+                    epochs[epoch] = self._epoch(seed, epoch)
+                perm, flips = epochs[epoch]
+                for t in range(n):  # skip bad files; __init__ guarantees a usable one exists
+                    img = self._get(self.paths[perm[(pos + t) % n]])
+                    if img is not None:
+                        break
+                out[j] = img[:, ::-1] if flip and flips[pos] else img
+            yield out
+
+
+def _count(start: int) -> Iterator[int]:
+    while True:
+        yield start
+        start += 1
+
+
+def synthetic_batches(batch_size: int, size: int, channels: int, seed: int,
+                      start_step: int = 0) -> Iterator[np.ndarray]:
+    """Infinite stream of smooth random images in [-1, 1]; batch k depends only on (seed, k)."""
+    coords = np.linspace(0.0, 1.0, size, endpoint=False)
+    yy, xx = np.meshgrid(coords, coords, indexing='ij')
+    terms = 4
+    for step in _count(start_step):
+        rng = np.random.default_rng([seed, step])
+        shape = (batch_size, 1, 1, channels, terms)
+        fx, fy = rng.uniform(-3, 3, (2,) + shape)
+        phase = rng.uniform(0, 2 * np.pi, shape)
+        amp = rng.uniform(0.2, 1.0, shape)
+        waves = amp * np.sin(2 * np.pi * (fx * xx[..., None, None] + fy * yy[..., None, None]) + phase)
+        yield (waves.sum(-1) / amp.sum(-1)).astype(np.float32)
+
+
+def to_uint8(array) -> np.ndarray:
+    """Float in [-1, 1] (or already uint8) to uint8."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    return np.clip(np.rint((array.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_image_atomic(path, array) -> None:
+    """Write an image (HxW[x3], float in [-1, 1] or uint8) via a temp file and os.replace."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), 'PNG')
+    array = to_uint8(array)
+    img = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            img.save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def make_grid(images, ncol: int, pad: int = 2) -> np.ndarray:
+    """Tile [N, H, W, 3] images (in [-1, 1] or uint8) into one uint8 grid, white padding."""
+    images = to_uint8(images)
+    n, h, w, c = images.shape
+    ncol = max(1, min(ncol, n))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = img
+    return grid

@@ -1,0 +1,81 @@
+"""One device Mesh for the whole job, dp / fsdp shardings, and multi-host start-up.
+
+As in shortcut-models: a 1-D Mesh over every device (axis ``data``); the batch is sharded on its
+first axis; ``dp`` replicates parameters, ``fsdp`` shards every parameter of at least
+``fsdp_min_bytes`` (4 MiB by default) along its largest axis divisible by the device count.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def _multihost_env() -> bool:
+    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")):
+        return True
+    if any(int(os.environ.get(k) or 1) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+    """Call ``jax.distributed.initialize()`` for multi-host runs.
+
+    mode: ``auto`` (when the environment names a coordinator, a multi-task Slurm/MPI job, or a
+    multi-host TPU slice), ``on`` or ``off``. Call before any other JAX work. Returns whether it did.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.distributed must be 'auto', 'on' or 'off', got {mode!r}")
+    wanted = mode == "on" or (mode == "auto" and _multihost_env())
+    if wanted:
+        jax.distributed.initialize()
+    return wanted
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, itemsize: int, n: int, min_bytes: int) -> P:
+    """Shard the largest axis divisible by n, for arrays of at least min_bytes; else replicate."""
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) * itemsize < min_bytes:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % n == 0:
+            spec = [None] * len(shape)
+            spec[axis] = AXIS
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_state, mesh: Mesh, mode: str, min_bytes: int = 4 * 2 ** 20):
+    """A pytree of NamedShardings for a (jax.eval_shape'd) train state."""
+    if mode not in ("dp", "fsdp"):
+        raise ValueError(f"config.sharding must be 'dp' or 'fsdp', got {mode!r}")
+    n = mesh.devices.size
+
+    def one(leaf):
+        if mode == "dp" or not hasattr(leaf, "shape"):
+            return replicated(mesh)
+        return NamedSharding(mesh, fsdp_spec(leaf.shape, np.dtype(leaf.dtype).itemsize, n, min_bytes))
+
+    return jax.tree_util.tree_map(one, abstract_state)
+
+
+def global_batch(mesh: Mesh, local: np.ndarray):
+    """Assemble the global batch array from this host's slice (sharded on the batch axis)."""
+    return jax.make_array_from_process_local_data(data_sharding(mesh), np.asarray(local))

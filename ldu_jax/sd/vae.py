@@ -1,0 +1,85 @@
+"""The Stable Diffusion VAE (diffusers Flax) as pure functions on NHWC images in [-1, 1].
+
+Latents are NHWC and scaled: ``encode`` multiplies by the VAE's ``scaling_factor``, ``decode``
+divides first. diffusers' Flax VAE takes NCHW input and returns NCHW output; the transposes live
+here only.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def quiet_diffusers():
+    """Silence diffusers' per-module Flax deprecation lines."""
+    from diffusers.utils import logging as dlogging
+    dlogging.set_verbosity_error()
+
+
+class VAE(NamedTuple):
+    module: Any  # diffusers FlaxAutoencoderKL
+    params: Any
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.module.config.scaling_factor)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.module.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.module.config.latent_channels)
+
+
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16), sample_size=64)
+
+
+def tiny_vae(seed: int = 0) -> VAE:
+    """A small randomly initialised VAE with SD's downsampling factor 8 (64 px -> 8x8 latents)."""
+    from diffusers import FlaxAutoencoderKL
+    quiet_diffusers()
+    module = FlaxAutoencoderKL(**TINY_VAE)
+    return VAE(module, module.init_weights(jax.random.PRNGKey(seed)))
+
+
+def load_vae(source: str, dtype=jnp.float32) -> VAE:
+    """Load a VAE: ``tiny`` (random), a diffusers folder (a VAE folder or a full SD folder with
+    ``vae/``), or a hub id when online (e.g. ``stabilityai/sd-vae-ft-mse``)."""
+    from diffusers import FlaxAutoencoderKL
+    quiet_diffusers()
+    if source == "tiny":
+        return tiny_vae()
+    kwargs = {"dtype": dtype}
+    if os.path.isdir(source):
+        if os.path.isdir(os.path.join(source, "vae")):
+            kwargs["subfolder"] = "vae"
+    elif source.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"VAE folder {source} does not exist")
+    module, params = FlaxAutoencoderKL.from_pretrained(source, **kwargs)
+    return VAE(module, params)
+
+
+def save_vae(vae: VAE, path: str):
+    vae.module.save_pretrained(path, params=vae.params)
+
+
+def encode(vae: VAE, params, images, key=None):
+    """NHWC images in [-1, 1] -> scaled NHWC latents (a posterior sample if key, else its mean)."""
+    dist = vae.module.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)),
+                            method=vae.module.encode).latent_dist
+    z = dist.mean if key is None else dist.sample(key)
+    return z * vae.scaling_factor
+
+
+def decode(vae: VAE, params, latents):
+    """Scaled NHWC latents -> NHWC images (nominally in [-1, 1])."""
+    out = vae.module.apply({"params": params}, latents / vae.scaling_factor, method=vae.module.decode)
+    return jnp.transpose(out.sample, (0, 2, 3, 1))
