@@ -29,6 +29,12 @@ def param_shapes(params) -> dict:
     return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
 
 
+def make_meta(config, params, data_shape) -> dict:
+    """What a checkpoint records about its run: model config, parameter shapes, input shape, VAE."""
+    return {"model": config.model.to_dict(), "param_shapes": param_shapes(params),
+            "data_shape": list(data_shape), "vae": config.vae}
+
+
 def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=opts)
@@ -93,42 +99,52 @@ def load_official_pickle(path: str, allow_pickle: bool = False) -> dict:
     return data["train_state"]
 
 
+def convert_official(pickle_path: str, config, workdir: str, input_size: int, allow_pickle: bool = False):
+    """Write a shortcut-models pickle as step N of ``workdir``, checked against ``config.model``.
+
+    ``input_size``: the DiT's spatial input size (32 for 256 px images in SD latents). As the public
+    train.py does when it loads a checkpoint, the optimizer state starts afresh. Returns the step.
+    """
+    import jax.numpy as jnp
+    from ldu_jax.models.dit import dit_from_config
+    from ldu_jax.shortcut import trainer
+
+    ts = load_official_pickle(pickle_path, allow_pickle)
+    params = jax.tree_util.tree_map(jnp.asarray, ts["params"])
+    params_ema = jax.tree_util.tree_map(jnp.asarray, ts.get("params_ema") or ts["params"])
+    try:
+        final = np.shape(params["FinalLayer_0"]["Dense_1"]["kernel"])[1]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{pickle_path}: no FinalLayer_0/Dense_1 in its params; not a shortcut DiT") from e
+    out_channels = int(final) // config.model.patch_size ** 2
+    model = dit_from_config(config.model, out_channels)
+    tx, _ = trainer.make_optimizer(config.optim, config.max_steps)
+    data_shape = (input_size, input_size, out_channels)
+    ref = jax.eval_shape(lambda: trainer.init_state(model, tx, jax.random.PRNGKey(0), (1,) + data_shape))
+    meta = make_meta(config, ref.params, data_shape)
+    check_compatible({"param_shapes": param_shapes(params), "model": "(the pickle's)"}, meta, pickle_path)
+    step = int(np.asarray(ts.get("step", 0)))
+    state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=params, params_ema=params_ema,
+                               opt_state=tx.init(params))
+    manager = make_manager(workdir)
+    save(manager, step, state, meta)
+    manager.wait_until_finished()
+    return step
+
+
 def _main(argv):
     from absl import flags
-    from ml_collections import config_flags
-    import jax.numpy as jnp
-
-    from ldu_jax.shortcut import trainer
-    from ldu_jax.models.dit import dit_from_config
-
     f = flags.FLAGS
-    cfg = f.config
-    ts = load_official_pickle(f.pickle, f.allow_pickle)
-    params = jax.tree_util.tree_map(jnp.asarray, ts["params"])
-    params_ema = jax.tree_util.tree_map(jnp.asarray, ts.get("params_ema", ts["params"]))
-    out_channels = int(np.shape(params["FinalLayer_0"]["Dense_1"]["kernel"])[1]) // cfg.model.patch_size ** 2
-    model = dit_from_config(cfg.model, out_channels)
-    tx, _ = trainer.make_optimizer(cfg.optim, cfg.max_steps)
-    size = f.latent_size
-    ref = jax.eval_shape(lambda: trainer.init_state(model, tx, jax.random.PRNGKey(0), (1, size, size, out_channels)))
-    meta = {"model": cfg.model.to_dict(), "param_shapes": param_shapes(ref.params),
-            "data_shape": [size, size, out_channels]}
-    check_compatible({"param_shapes": param_shapes(params), "model": "the pickle"}, meta, f.pickle)
-    # As the public train.py does when it loads a checkpoint, the optimizer state starts afresh.
-    state = trainer.TrainState(step=jnp.asarray(int(np.asarray(ts.get("step", 0))), jnp.int32), params=params,
-                               params_ema=params_ema, opt_state=tx.init(params))
-    manager = make_manager(f.workdir)
-    save(manager, int(state.step), state, meta)
-    manager.wait_until_finished()
-    print(f"wrote step {int(state.step)} to {os.path.join(f.workdir, 'checkpoints')}")
+    step = convert_official(f.pickle, f.config, f.workdir, f.input_size, f.allow_pickle)
+    print(f"wrote step {step} to {os.path.join(f.workdir, 'checkpoints')}")
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
+    from ldu_jax import cli
     flags.DEFINE_string("pickle", None, "shortcut-models checkpoint (pickle)", required=True)
     flags.DEFINE_string("workdir", None, "output work dir", required=True)
     flags.DEFINE_bool("allow_pickle", False, "allow unpickling the file (it can run code)")
-    flags.DEFINE_integer("latent_size", 32, "spatial size of the model input (32 for 256 px SD latents)")
-    config_flags.DEFINE_config_file("config", None, "model config (configs/shortcut_*.py)", lock_config=True)
-    app.run(_main)
+    flags.DEFINE_integer("input_size", 32, "the DiT's input size (32 for 256 px images in SD latents)")
+    cli.define_config("config", None, "model config (configs/shortcut_*.py)")
+    cli.run(_main)

@@ -92,8 +92,7 @@ def train(config, workdir: str, log=print):
     init_fn = lambda key: trainer.init_state(model, tx, key, (1,) + data_shape)  # noqa: E731
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     shardings = parallel.state_shardings(abstract, mesh, config.sharding, config.fsdp_min_bytes)
-    meta = {"model": config.model.to_dict(), "param_shapes": ckpt.param_shapes(abstract.params),
-            "data_shape": list(data_shape), "vae": config.vae}
+    meta = ckpt.make_meta(config, abstract.params, data_shape)
 
     manager = ckpt.make_manager(workdir, config.keep)
     abstract_sharded = jax.tree_util.tree_map(

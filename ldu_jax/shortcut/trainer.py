@@ -87,8 +87,8 @@ def make_train_step(model, tx, schedule, model_cfg, ema_rate: float, seed: int):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         params_ema = jax.tree_util.tree_map(lambda e, p: ema_rate * e + (1 - ema_rate) * p, state.params_ema, params)
-        info = {"loss": loss, **aux, **tg.info, "grad_norm": optax.global_norm(grads),
-                "param_norm": optax.global_norm(params), "lr": schedule(state.step)}
+        info = {"loss": loss, **aux, **tg.info, "grad_norm": optax.tree.norm(grads),
+                "param_norm": optax.tree.norm(params), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, params_ema, opt_state), info
 
     return step
