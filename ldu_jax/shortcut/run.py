@@ -1,25 +1,22 @@
 """The shortcut-model training run behind ``train.py``: data, sharding, loop, logs, checkpoints."""
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
+from ldu_jax import loop
 from ldu_jax import parallel
 from ldu_jax.models.dit import dit_from_config
 from ldu_jax.shortcut import sampling, trainer
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+TrainingDiverged = loop.TrainingDiverged
 
 
 def pixel_batches(config, start_step: int, local_batch: int, log=print):
@@ -62,11 +59,6 @@ def _tfds_batches(name, config, local_batch, pi, pc):
     return iter(tfds.as_numpy(ds.map(prep).batch(local_batch, drop_remainder=True)))
 
 
-def _append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train(config, workdir: str, log=print):
     """Train (or resume) the run in ``workdir``; returns the final train state."""
     parallel.maybe_initialize_distributed(config.distributed)
@@ -90,23 +82,16 @@ def train(config, workdir: str, log=print):
     model = dit_from_config(config.model, data_shape[-1])
     tx, schedule = trainer.make_optimizer(config.optim, config.max_steps)
     init_fn = lambda key: trainer.init_state(model, tx, key, (1,) + data_shape)  # noqa: E731
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+    key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init_fn, key)
     shardings = parallel.state_shardings(abstract, mesh, config.sharding, config.fsdp_min_bytes)
     meta = ckpt.make_meta(config, abstract.params, data_shape)
-
     manager = ckpt.make_manager(workdir, config.keep)
-    abstract_sharded = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state = ckpt.restore_latest(manager, abstract_sharded, meta, workdir)
-    if state is None:
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+    state = loop.init_or_restore(init_fn, key, shardings, manager, meta, workdir, log)
     start = int(state.step)
-    if start:
-        log(f"resuming {workdir} from step {start}")
 
-    dsh = parallel.data_sharding(mesh)
+    dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
     step_fn = trainer.make_train_step(model, tx, schedule, config.model, config.optim.ema, config.seed)
-    rep = parallel.replicated(mesh)
     update = jax.jit(step_fn, in_shardings=(shardings, dsh, dsh), out_shardings=(shardings, rep),
                      donate_argnums=(0,))
     encode = None
@@ -116,51 +101,24 @@ def train(config, workdir: str, log=print):
         encode = jax.jit(lambda p, x, k: vae_lib.encode(vae, p, x, jax.random.fold_in(enc_key, k)),
                          in_shardings=(rep, dsh, None), out_shardings=dsh)
 
-    batches, close_data = pixel_batches(config, start, local_batch, log)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    good = jnp.array(True)
-    sums, count, t_last = None, 0, time.time()
-    last_saved = start if manager.latest_step() is not None else None
+    pixels, close_data = pixel_batches(config, start, local_batch, log)
 
-    def check_finite(step):
-        if not bool(good):
-            where = f"step {last_saved}" if last_saved is not None else "none was written"
-            raise TrainingDiverged(f"loss became NaN or inf before step {step}; stopped. The last good "
-                                   f"checkpoint ({where}) is kept in {workdir}.")
-
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, dynamic_ncols=True,
-               disable=jax.process_index() != 0)
-    try:
-        for step in bar:
-            images, labels = next(batches)
+    def batches():
+        for step, (images, labels) in enumerate(pixels, start):
             x = parallel.global_batch(mesh, images)
-            y = parallel.global_batch(mesh, labels)
-            if encode is not None:
-                x = encode(vae.params, x, step)
-            state, info = update(state, x, y)
-            good = jnp.logical_and(good, jnp.isfinite(info["loss"]))
-            sums = info if sums is None else jax.tree_util.tree_map(jnp.add, sums, info)
-            count += 1
-            done = step + 1
-            if done % config.log_every == 0 or done == config.max_steps:
-                check_finite(done)
-                avg = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-                now = time.time()
-                avg.update(step=done, img_per_s=count * config.batch_size / max(now - t_last, 1e-9))
-                if jax.process_index() == 0:
-                    _append_jsonl(metrics_path, avg)
-                bar.set_postfix(loss=f"{avg['loss']:.4f}")
-                sums, count, t_last = None, 0, now
-            if done % config.save_every == 0 or done == config.max_steps:
-                check_finite(done)
-                ckpt.save(manager, done, state, meta)
-                last_saved = done
-            if (config.sample_every and done % config.sample_every == 0) or done == config.max_steps:
-                write_samples(config, model, vae, state.params_ema, data_shape, workdir, done)
+            yield (encode(vae.params, x, step) if encode is not None else x), parallel.global_batch(mesh, labels)
+
+    def after_step(done, state):
+        if (config.sample_every and done % config.sample_every == 0) or done == config.max_steps:
+            write_samples(config, model, vae, state.params_ema, data_shape, workdir, done)
+
+    try:
+        return loop.train_loop(state, update, batches(), manager=manager, meta=meta, workdir=workdir,
+                               max_steps=config.max_steps, log_every=config.log_every,
+                               save_every=config.save_every, batch_size=config.batch_size,
+                               desc="shortcut", after_step=after_step)
     finally:
-        manager.wait_until_finished()
         close_data()
-    return state
 
 
 def write_samples(config, model, vae, params, data_shape, workdir, step):

@@ -1,0 +1,85 @@
+"""The training loop every trainer shares: steps, metrics.jsonl, tqdm, checkpoints, NaN guard."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from ldu_jax import checkpoint as ckpt
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def append_jsonl(path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_loop(state, update: Callable, batches: Iterator[tuple], *, manager, meta: dict, workdir: str,
+               max_steps: int, log_every: int, save_every: int, batch_size: int, desc: str = "train",
+               after_step: Callable[[int, object], None] | None = None):
+    """Run ``state, info = update(state, *next(batches))`` from ``state.step`` to ``max_steps``.
+
+    Every ``log_every`` steps the mean of ``info`` (plus step and images/s) is appended to
+    ``workdir/metrics.jsonl``; every ``save_every`` steps and at the end the state is saved. A
+    non-finite ``info['loss']`` stops the run before anything after it is saved, so the last
+    checkpoint on disk is a good one. ``after_step(step, state)`` runs after each step (samples).
+    """
+    start = int(state.step)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    good = jnp.array(True)
+    sums, count, t_last = None, 0, time.time()
+    last_saved = start if manager.latest_step() is not None else None
+
+    def check_finite(step):
+        if not bool(good):
+            kept = f"step {last_saved}" if last_saved is not None else "none was written"
+            raise TrainingDiverged(f"loss became NaN or inf before step {step}; stopped. The last good "
+                                   f"checkpoint ({kept}) is kept in {workdir}.")
+
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=desc, dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    try:
+        for step in bar:
+            state, info = update(state, *next(batches))
+            good = jnp.logical_and(good, jnp.isfinite(info["loss"]))
+            sums = info if sums is None else jax.tree_util.tree_map(jnp.add, sums, info)
+            count += 1
+            done = step + 1
+            if done % log_every == 0 or done == max_steps:
+                check_finite(done)
+                avg = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+                now = time.time()
+                avg.update(step=done, img_per_s=count * batch_size / max(now - t_last, 1e-9))
+                if jax.process_index() == 0:
+                    append_jsonl(metrics_path, avg)
+                bar.set_postfix(loss=f"{avg['loss']:.4f}")
+                sums, count, t_last = None, 0, now
+            if done % save_every == 0 or done == max_steps:
+                check_finite(done)
+                ckpt.save(manager, done, state, meta)
+                last_saved = done
+            if after_step is not None:
+                after_step(done, state)
+    finally:
+        manager.wait_until_finished()
+    return state
+
+
+def init_or_restore(init_fn, key, shardings, manager, meta: dict, workdir: str, log=print):
+    """The newest checkpoint of ``workdir`` if any (checked against ``meta``), else ``init_fn(key)``."""
+    abstract = jax.eval_shape(init_fn, key)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, shardings)
+    state = ckpt.restore_latest(manager, target, meta, workdir)
+    if state is None:
+        return jax.jit(init_fn, out_shardings=shardings)(key)
+    log(f"resuming {workdir} from step {int(state.step)}")
+    return state
