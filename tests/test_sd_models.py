@@ -1,0 +1,305 @@
+"""SD parts: parity with PyTorch diffusers/transformers on tiny random models, loading (Flax,
+safetensors without torch, .bin), saving, tiny bundles, tokenizer and placeholder tokens."""
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldu_jax.sd import make_tiny_tokenizer
+from ldu_jax.sd import models as M
+from ldu_jax.sd.vae import TINY_VAE, VAE, decode, encode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5  # max abs difference relative to the reference output's max abs
+
+# The SD 2.x flavour: linear projections, per-block heads, exact-GELU CLIP, v-prediction.
+UNET_SD2 = dict(M.TINY_UNET, use_linear_projection=True, attention_head_dim=(2, 4), upcast_attention=True)
+
+
+def _rel(a, ref):
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def _tree_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    return len(la) == len(lb) and all(
+        pa == pb and x.dtype == y.dtype and np.array_equal(x, y) for (pa, x), (pb, y) in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def torch_models(tmp_path_factory):
+    """Random PyTorch twins of the tiny configs (all weights perturbed so that no norm is an
+    identity), saved as safetensors (sd1, sd2) and as .bin (sd1_bin)."""
+    torch = pytest.importorskip("torch", reason="PyTorch parity tests need torch")
+    M.quiet_diffusers()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = M.tiny_tokenizer()
+
+    def perturbed(m):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return m.eval()
+
+    text2 = M.tiny_text_config(tok)
+    text2.hidden_act = "gelu"
+    nets = {"vae": perturbed(AutoencoderKL(**TINY_VAE)),
+            "sd1": (perturbed(UNet2DConditionModel(**M.TINY_UNET)),
+                    perturbed(CLIPTextModel(M.tiny_text_config(tok))), "epsilon"),
+            "sd2": (perturbed(UNet2DConditionModel(**UNET_SD2)), perturbed(CLIPTextModel(text2)),
+                    "v_prediction")}
+    base = tmp_path_factory.mktemp("torch_sd")
+    dirs = {}
+    for name, safe in (("sd1", True), ("sd2", True), ("sd1_bin", False)):
+        unet, text, pred = nets[name.split("_")[0]]
+        d = dirs[name] = str(base / name)
+        nets["vae"].save_pretrained(os.path.join(d, "vae"), safe_serialization=safe)
+        unet.save_pretrained(os.path.join(d, "unet"), safe_serialization=safe)
+        text.save_pretrained(os.path.join(d, "text_encoder"), safe_serialization=safe)
+        tok.save_pretrained(os.path.join(d, "tokenizer"))
+        os.makedirs(os.path.join(d, "scheduler"))
+        with open(os.path.join(d, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump({"_class_name": "DDIMScheduler", "prediction_type": pred}, f)
+    return torch, nets, dirs
+
+
+@pytest.fixture(scope="module")
+def loaded(torch_models):
+    _, _, dirs = torch_models
+    return {name: M.load_sd(dirs[name]) for name in ("sd1", "sd2")}
+
+
+@pytest.fixture(scope="module")
+def inputs(loaded):
+    rng = np.random.RandomState(0)
+    sd, _ = loaded["sd1"]
+    return dict(images=rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32),
+                latents=rng.randn(2, 8, 8, 4).astype(np.float32),
+                t=np.array([10, 730], np.int32),
+                ids=M.tokenize(sd, ["a photo of sks dog", "a painting in the style of monet"]))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def test_loads_without_torch_quietly(torch_models):
+    """safetensors load with torch unimportable; .bin then fails clearly; nothing is logged."""
+    _, _, dirs = torch_models
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ldu_jax.sd import models\n"
+            "sd, _ = models.load_sd(sys.argv[1]); print('LOADED', sd.scheduler['prediction_type'])\n"
+            "try: models.load_sd(sys.argv[2])\n"
+            "except ImportError as e: print('BIN-ERROR', e)\n")
+    env = dict(os.environ, USE_TORCH="0", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code, dirs["sd2"], dirs["sd1_bin"]], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED v_prediction" in r.stdout
+    assert "BIN-ERROR" in r.stdout and "needs torch" in r.stdout
+    assert "deprecated" not in r.stderr, r.stderr
+
+
+def test_bin_equals_safetensors(torch_models, loaded):
+    _, _, dirs = torch_models
+    sd_bin, p_bin = M.load_sd(dirs["sd1_bin"])
+    sd, p = loaded["sd1"]
+    assert _tree_equal(p_bin, p)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(p))
+    assert sd.resolution == sd_bin.resolution == 64
+    assert sd.scheduler["prediction_type"] == "epsilon"
+    assert loaded["sd2"][0].scheduler["prediction_type"] == "v_prediction"
+    assert sd.scheduler["beta_schedule"] == "scaled_linear"  # SD default filled in
+
+
+@pytest.mark.parametrize("missing", ["unet", "text_encoder/config.json", "tokenizer/merges.txt",
+                                     "scheduler", "vae/diffusion_pytorch_model.safetensors"])
+def test_missing_part_is_named(torch_models, tmp_path, missing):
+    _, _, dirs = torch_models
+    d = str(tmp_path / "sd")
+    shutil.copytree(dirs["sd1"], d)
+    target = os.path.join(d, missing)
+    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    with pytest.raises(FileNotFoundError, match=missing.split("/")[0]) as e:
+        M.load_sd(d)
+    assert os.path.basename(missing) in str(e.value)
+
+
+def test_flax_roundtrip_bit_identical(loaded, tmp_path):
+    sd, params = loaded["sd2"]
+    sd, params, tid = M.add_placeholder_token(sd, params, "<p8>", "dog")
+    M.save_sd(sd, params, str(tmp_path / "flax"))
+    assert os.path.isfile(tmp_path / "flax" / "unet" / "diffusion_flax_model.msgpack")
+    assert os.path.isfile(tmp_path / "flax" / "model_index.json")
+    sd2, params2 = M.load_sd(str(tmp_path / "flax"))
+    assert _tree_equal(params2, params)
+    assert sd2.scheduler == sd.scheduler and sd2.resolution == sd.resolution
+    assert M.tokenize(sd2, ["a <p8> dog"]).tolist() == M.tokenize(sd, ["a <p8> dog"]).tolist()
+    assert tid in M.tokenize(sd2, ["a <p8> dog"])[0]
+    assert sd2.unet.config.use_linear_projection and list(sd2.unet.config.attention_head_dim) == [2, 4]
+
+
+# ----------------------------------------------------------------------------- parity with torch
+
+def test_vae_parity(torch_models, loaded, inputs):
+    torch, nets, _ = torch_models
+    sd, params = loaded["sd1"]
+    vae, tv = VAE(sd.vae, None), nets["vae"]
+    x = inputs["images"]
+    z = jax.jit(lambda p, x: encode(vae, p, x))(params["vae"], x)
+    zl = inputs["latents"][:1]
+    y = jax.jit(lambda p, z: decode(vae, p, z))(params["vae"], zl)
+    with torch.no_grad():
+        z_ref = tv.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist.mean
+        z_ref = z_ref.permute(0, 2, 3, 1).numpy() * tv.config.scaling_factor
+        y_ref = tv.decode(torch.from_numpy(zl / tv.config.scaling_factor).permute(0, 3, 1, 2)).sample
+        y_ref = y_ref.permute(0, 2, 3, 1).numpy()
+    assert _rel(z, z_ref) < TOL and _rel(y, y_ref) < TOL
+
+
+def _torch_text(torch, text, ids):
+    with torch.no_grad():
+        return text(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+
+
+def _torch_unet(torch, unet, inputs, ctx):
+    with torch.no_grad():
+        out = unet(torch.from_numpy(inputs["latents"]).permute(0, 3, 1, 2),
+                   torch.from_numpy(inputs["t"].astype(np.int64)), torch.from_numpy(ctx)).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+def test_text_and_unet_parity(torch_models, loaded, inputs, flavour):
+    torch, nets, _ = torch_models
+    unet, text, _ = nets[flavour]
+    sd, params = loaded[flavour]
+    ctx = jax.jit(M.text_embed, static_argnums=0)(sd, params["text_encoder"], inputs["ids"])
+    ctx_ref = _torch_text(torch, text, inputs["ids"])
+    assert ctx.shape == (2, 77, 32) and _rel(ctx, ctx_ref) < TOL
+    out = jax.jit(M.unet_apply, static_argnums=0)(sd, params["unet"], inputs["latents"], inputs["t"], ctx_ref)
+    assert out.shape == inputs["latents"].shape
+    assert _rel(out, _torch_unet(torch, unet, inputs, ctx_ref)) < TOL
+
+
+def test_unet_parity_needs_each_fix(torch_models, loaded, inputs):
+    """Without the exact GELU, or without the transformers' GroupNorm eps 1e-6, the Flax UNet is
+    measurably further from PyTorch (sd2 flavour; the GroupNorm part is the smaller one)."""
+    from diffusers.models.attention_flax import FlaxGEGLU
+    torch, nets, _ = torch_models
+    sd, params = loaded["sd2"]
+    ctx = _torch_text(torch, nets["sd2"][1], inputs["ids"])
+    ref = _torch_unet(torch, nets["sd2"][0], inputs, ctx)
+
+    def skipping(kind):
+        def interceptor(next_fun, args, kwargs, context):
+            if isinstance(context.module, kind):
+                return next_fun(*args, **kwargs)
+            return M._torch_numerics(next_fun, args, kwargs, context)
+        return interceptor
+
+    def run(p, x, t, c):
+        x = jnp.transpose(x, (0, 3, 1, 2))
+        t = jnp.asarray(t, jnp.float32)
+        outs = [sd.unet.apply({"params": p}, x, t, c).sample]
+        for kind in (FlaxGEGLU, nn.GroupNorm):
+            with nn.intercept_methods(skipping(kind)):
+                outs.append(sd.unet.apply({"params": p}, x, t, c).sample)
+        outs = [jnp.transpose(o, (0, 2, 3, 1)) for o in outs]
+        return outs + [M.unet_apply(sd, p, jnp.transpose(x, (0, 2, 3, 1)), t, c)]
+
+    raw, no_gelu, no_eps, fixed = jax.jit(run)(params["unet"], inputs["latents"], inputs["t"], ctx)
+    err = {k: _rel(v, ref) for k, v in dict(raw=raw, no_gelu=no_gelu, no_eps=no_eps, fixed=fixed).items()}
+    assert err["fixed"] < TOL, err
+    assert err["raw"] > 2 * TOL and err["no_gelu"] > 2 * TOL, err
+    assert err["no_eps"] > 2 * err["fixed"], err
+
+
+# ----------------------------------------------------------------------------- tiny bundle, tokens
+
+@pytest.fixture(scope="module")
+def tiny():
+    return M.tiny_sd(0)
+
+
+def test_tiny_sd(tiny):
+    sd, params = tiny
+    assert sd.resolution == 64 and sd.scheduler["prediction_type"] == "epsilon"
+    sd_again, params_again = M.tiny_sd(0)
+    assert hash(sd) == hash(sd) and sd != sd_again  # identity semantics for static args
+    assert _tree_equal(params_again, params)
+    assert not np.array_equal(M.tiny_sd(1)[1]["unet"]["conv_in"]["kernel"], params["unet"]["conv_in"]["kernel"])
+    ids = M.tokenize(sd, ["a photo of a person"])
+    ctx = jax.eval_shape(lambda p: M.text_embed(sd, p, ids), params["text_encoder"])
+    z = jax.eval_shape(lambda p: encode(VAE(sd.vae, None), p, jnp.zeros((1, 64, 64, 3))), params["vae"])
+    out = jax.eval_shape(lambda p: M.unet_apply(sd, p, jnp.zeros(z.shape), 3, jnp.zeros(ctx.shape)),
+                         params["unet"])
+    assert ctx.shape == (1, 77, 32) and z.shape == (1, 8, 8, 4) and out.shape == z.shape
+
+
+def test_tiny_tokenizer_shipped_and_covering(tmp_path):
+    make_tiny_tokenizer.build(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        assert filecmp.cmp(tmp_path / name, os.path.join(M.TOKENIZER_DIR, name), shallow=False)
+    tok = M.tiny_tokenizer()
+    assert 500 < len(tok) <= 1000 and tok.model_max_length == 77
+    for w in ("a photo of person man woman face portrait dslr sks painting in the style dog cat "
+              "with hair glasses").split():
+        assert len(tok.encode(w, add_special_tokens=False)) == 1, w
+    ids = tok.encode("Zebra-Ünïcode 漢字 42!", add_special_tokens=False)
+    assert tok.unk_token_id not in ids  # byte-level alphabet: everything tokenizes
+
+
+def test_tokenize_pads_and_truncates(tiny):
+    sd, _ = tiny
+    ids = M.tokenize(sd, ["a photo of a dog", "cat " * 200])
+    assert ids.shape == (2, 77) and ids.dtype == np.int32
+    tok = sd.tokenizer
+    assert ids[0, 0] == tok.bos_token_id and ids[0, 6] == tok.eos_token_id
+    assert (ids[0, 7:] == tok.pad_token_id).all() and ids[1, -1] == tok.eos_token_id
+
+
+def test_add_placeholder_token(tiny):
+    sd, params = tiny
+    with pytest.raises(ValueError, match="'dog'"):
+        M.add_placeholder_token(sd, params, "dog", "cat")
+    with pytest.raises(ValueError, match="xylophonequartz"):
+        M.add_placeholder_token(sd, params, "<new>", "xylophonequartz")
+    n = len(sd.tokenizer)
+    sd2, params2, tid = M.add_placeholder_token(sd, params, "<sks-concept>", "dog")
+    with pytest.raises(ValueError, match="<sks-concept>"):
+        M.add_placeholder_token(sd2, params2, "<sks-concept>", "dog")
+    assert tid == n and len(sd.tokenizer) == n  # the original tokenizer is untouched
+    assert sd2.tokenizer.encode("<sks-concept>", add_special_tokens=False) == [tid]
+    assert sd2.text_encoder.config.vocab_size == n + 1
+    emb = lambda p: np.asarray(p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    old, new = emb(params), emb(params2)
+    dog = sd.tokenizer.encode("dog", add_special_tokens=False)[0]
+    assert new.shape == (n + 1, old.shape[1])
+    assert np.array_equal(new[tid], old[dog]) and np.array_equal(new[:n], old)
+    f = jax.jit(M.text_embed, static_argnums=0)
+    a = f(sd2, params2["text_encoder"], M.tokenize(sd2, ["a photo of <sks-concept>"]))
+    b = f(sd2, params2["text_encoder"], M.tokenize(sd2, ["a photo of dog"]))
+    np.testing.assert_array_equal(a, b)  # same row, same position -> same states
+
+
+def test_cast_params(tiny):
+    """Our cast replaces diffusers' Flax to_bf16, which calls the removed jax.tree_map."""
+    sd, params = tiny
+    tree = {"w": params["unet"]["conv_in"]["kernel"], "i": jnp.arange(3)}
+    out = M.cast_params(tree, jnp.bfloat16)
+    assert out["w"].dtype == jnp.bfloat16 and out["i"].dtype == tree["i"].dtype
+    np.testing.assert_array_equal(out["w"], tree["w"].astype(jnp.bfloat16))
+    with pytest.raises(AttributeError, match="tree_map"):  # if this fails, cast_params can go
+        sd.unet.to_bf16(tree)
