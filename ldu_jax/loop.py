@@ -73,13 +73,19 @@ def train_loop(state, update: Callable, batches: Iterator[tuple], *, manager, me
     return state
 
 
-def init_or_restore(init_fn, key, shardings, manager, meta: dict, workdir: str, log=print):
-    """The newest checkpoint of ``workdir`` if any (checked against ``meta``), else ``init_fn(key)``."""
+def init_or_restore(init_fn, key, shardings, manager, meta: dict, workdir: str, log=print, jit_init=True):
+    """The newest checkpoint of ``workdir`` if any (checked against ``meta``), else ``init_fn(key)``.
+
+    ``jit_init`` creates the state directly in its shardings; without it ``init_fn`` runs eagerly
+    (for states built from large arrays it closes over, which jit would bake in as constants).
+    """
     abstract = jax.eval_shape(init_fn, key)
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
     state = ckpt.restore_latest(manager, target, meta, workdir)
     if state is None:
-        return jax.jit(init_fn, out_shardings=shardings)(key)
+        if jit_init:
+            return jax.jit(init_fn, out_shardings=shardings)(key)
+        return jax.device_put(init_fn(key), shardings)
     log(f"resuming {workdir} from step {int(state.step)}")
     return state

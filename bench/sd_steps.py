@@ -1,0 +1,103 @@
+"""ms per jitted Textual Inversion step and DreamBooth step (loss + grad + update), f32 and bf16,
+with XLA's memory estimate, on the tiny bundle and on an SD-shaped small UNet at 256 px.
+
+    python bench/sd_steps.py                 # both models, both dtypes
+    python bench/sd_steps.py --models=tiny --dtypes=float32 --steps=3
+
+"SD-shaped small": Stable Diffusion's UNet layout (4 levels, 3 cross-attention levels, 2 layers
+per block, 8 heads, 768-d text context) at a quarter of its widths, with the tiny VAE at 256 px
+(32x32 latents) and the tiny text encoder widened to 768.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import attack_db_tiny, attack_ti_tiny  # noqa: E402
+from ldu_jax.personalize import dreambooth, textual_inversion as ti  # noqa: E402
+from ldu_jax.sd import models as sdm  # noqa: E402
+from ldu_jax.sd import schedule as sch  # noqa: E402
+
+SD_SHAPED_UNET = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, attention_head_dim=8,
+    block_out_channels=(80, 160, 320, 320), cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sd_shaped(dtype):
+    """The tiny bundle with an SD-shaped UNet (random) and a 768-d text encoder, at 256 px."""
+    from diffusers import FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    sd, params = sdm.load_sd("tiny")
+    unet = FlaxUNet2DConditionModel(**SD_SHAPED_UNET)
+    te_cfg = CLIPTextConfig(**{**sd.text_encoder.config.to_dict(), "hidden_size": 768,
+                               "intermediate_size": 3072, "num_attention_heads": 12})
+    te = FlaxCLIPTextModel(te_cfg, seed=0, _do_init=False)
+    params = {"vae": params["vae"], "unet": unet.init_weights(jax.random.PRNGKey(0)),
+              "text_encoder": te.init_weights(jax.random.PRNGKey(1), (1, 77))}
+    sd = dataclasses.replace(sd, unet=unet, text_encoder=te, resolution=256)
+    return sd, params
+
+
+def measure(fn, args, steps):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) if mem else float("nan")
+    state, info = compiled(*args)
+    jax.block_until_ready(info)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, info = compiled(state, *args[1:])
+        jax.block_until_ready(info)
+        times.append(time.perf_counter() - t0)
+    return compile_s, float(np.median(times)), peak
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny,sd-shaped")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    print(f"{'model':10} {'dtype':9} {'step':4} {'compile_s':>9} {'ms/step':>9} {'xla_peak_MiB':>12}")
+    for name in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            sd, params = sdm.load_sd("tiny") if name == "tiny" else sd_shaped(dtype)
+            params = sdm.cast_params(params, getattr(jnp, dtype))
+            r = sd.resolution
+            images = jax.random.uniform(jax.random.PRNGKey(0), (4, r, r, 3), minval=-1, maxval=1)
+            sched = sch.make_schedule(sd.scheduler)
+            # Textual Inversion
+            sd_t, p_t, tok = sdm.add_placeholder_token(sd, params, "<bench>", "person")
+            cfg = attack_ti_tiny.get_config()
+            tx, _ = ti.make_optimizer(cfg, args.batch)
+            ids = jnp.asarray(ti.template_ids(sd_t, "<bench>", "person"))
+            step = ti.make_step(sd_t, sched, tx, tok, args.batch, 0)
+            c, s, m = measure(step, (ti.init_state(p_t, tok, tx), p_t, images, ids), args.steps)
+            print(f"{name:10} {dtype:9} {'TI':4} {c:9.1f} {s * 1e3:9.0f} {m / 2 ** 20:12.0f}", flush=True)
+            # DreamBooth (UNet fine-tuning with prior preservation)
+            cfg = attack_db_tiny.get_config()
+            tx = dreambooth.make_optimizer(cfg)
+            ids = jnp.asarray(sdm.tokenize(sd, [cfg.instance_prompt, cfg.class_prompt]))
+            step = dreambooth.make_step(sd, sched, tx, cfg, args.batch, 0)
+            state = dreambooth.init_state(params, cfg, tx, jax.random.PRNGKey(0))
+            c, s, m = measure(step, (state, dreambooth.frozen_params(params, cfg), images, images, ids[0], ids[1]),
+                              args.steps)
+            print(f"{name:10} {dtype:9} {'DB':4} {c:9.1f} {s * 1e3:9.0f} {m / 2 ** 20:12.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""What Textual Inversion and DreamBooth share: instance images, the denoising loss, batches."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from ldu_jax import data as data_lib
+from ldu_jax.sd import models as sdm
+from ldu_jax.sd import schedule as sch
+from ldu_jax.sd import vae as vae_lib
+
+
+def load_instance_images(folder: str, resolution: int, min_images: int = 1, log=print) -> np.ndarray:
+    """The folder's images, centre-cropped and resized to the model resolution, [N, R, R, 3] in [-1, 1]."""
+    paths = data_lib.list_images(folder)
+    images, good, bad = data_lib.load_images(paths, resolution)
+    if bad:
+        data_lib.report_bad(bad, len(paths), log)
+    if len(good) < min_images:
+        raise data_lib.DataError(f"{folder}: {len(good)} usable images, at least {min_images} needed")
+    sizes = sorted({Image.open(p).size for p in good})
+    if sizes != [(resolution, resolution)]:
+        log(f"{folder}: {len(good)} images of sizes {', '.join(f'{w}x{h}' for w, h in sizes[:5])}"
+            f"{' ...' if len(sizes) > 5 else ''} centre-cropped and resized to {resolution}x{resolution}")
+    return images
+
+
+def sample_batch(key, images, batch_size: int, flip: bool = True):
+    """A random batch of the instance images (without replacement when possible), randomly flipped."""
+    n = images.shape[0]
+    k_idx, k_flip = jax.random.split(key)
+    if batch_size <= n:
+        idx = jax.random.permutation(k_idx, n)[:batch_size]
+    else:
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
+    x = images[idx]
+    if flip:
+        f = jax.random.bernoulli(k_flip, 0.5, (batch_size, 1, 1, 1))
+        x = jnp.where(f, x[:, :, ::-1], x)
+    return x
+
+
+def denoising_loss(sd, sched, params, images, input_ids, key, latents_key=None):
+    """Per-example SD noise-prediction loss of images [B,R,R,3] under prompts input_ids [B, L].
+
+    ``params``: {'vae', 'unet', 'text_encoder'}. The VAE latent is a posterior sample (as the
+    diffusers trainers do); t ~ U{0..T-1}; the target follows the model's prediction type.
+    """
+    k_lat, k_noise, k_t = jax.random.split(key, 3)
+    z = vae_lib.encode(vae_lib.VAE(sd.vae, None), params["vae"], images, k_lat if latents_key is None else latents_key)
+    return latent_loss(sd, sched, params, z, input_ids, k_noise, k_t)
+
+
+def latent_loss(sd, sched, params, latents, input_ids, k_noise, k_t):
+    """The noise-prediction loss on scaled latents (see ``denoising_loss``)."""
+    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, sched.num_train_timesteps)
+    emb = sdm.text_embed(sd, params["text_encoder"], input_ids)
+    pred = sdm.unet_apply(sd, params["unet"], sch.add_noise(sched, latents, noise, t), t, emb)
+    return sch.noise_loss(sched, pred, latents, noise, t)
+
+
+def batch_mesh(batch_size: int):
+    """A Mesh over the most devices that divide ``batch_size`` (all of them when they do)."""
+    from ldu_jax import parallel
+    devices = jax.devices()
+    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0 and len(devices) % d == 0)
+    return parallel.make_mesh(devices[:n])
+
+
+def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: float, seed: int, batch: int = 4):
+    """{prompt: uint8 images [n, R, R, 3]} sampled with DDIM and classifier-free guidance."""
+    sched = sch.make_schedule(sd.scheduler)
+    f = sd.resolution // (2 ** (len(sd.vae.config.block_out_channels) - 1))
+    shape = (f, f, int(sd.vae.config.latent_channels))
+    uncond = sdm.text_embed(sd, params["text_encoder"], sdm.tokenize(sd, [""]))
+    predict = _predictor(sd)
+    decode = jax.jit(lambda p, z: vae_lib.decode(vae_lib.VAE(sd.vae, None), p, z))
+    out = {}
+    for pi, prompt in enumerate(prompts):
+        cond = sdm.text_embed(sd, params["text_encoder"], sdm.tokenize(sd, [prompt]))
+        imgs = []
+        for start in range(0, n_per_prompt, batch):
+            b = min(batch, n_per_prompt - start)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), pi), start)
+            x = jax.random.normal(key, (batch,) + shape)  # fixed shape: one compilation
+            z = sch.ddim_sample(predict, params["unet"], sched, x, jnp.repeat(cond, batch, 0),
+                                jnp.repeat(uncond, batch, 0), steps=steps, guidance=float(guidance))
+            imgs.append(data_lib.to_uint8(np.asarray(decode(params["vae"], z))[:b]))
+        out[prompt] = np.concatenate(imgs)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _predictor(sd):
+    """A stable (hashable) ``predict(unet_params, x, t, emb)`` per model, so DDIM compiles once."""
+    return lambda p, x, t, e: sdm.unet_apply(sd, p, x, t, e)

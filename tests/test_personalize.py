@@ -1,0 +1,183 @@
+"""Textual Inversion, DreamBooth (+ prior, LoRA), DDIM and the attack CLI on the tiny SD bundle."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import attack_db_tiny, attack_ti_tiny
+from ldu_jax import attack, parallel
+from ldu_jax.personalize import common, dreambooth, lora, textual_inversion as ti
+from ldu_jax.sd import models as sdm
+from ldu_jax.sd import schedule as sch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sdm.load_sd("tiny")
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """Four 64 px images of one 'subject' (a red blob on a shifting background), one odd-sized."""
+    folder = tmp_path_factory.mktemp("subject")
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    for i in range(4):
+        blob = np.exp(-((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.03)
+        img = np.stack([0.3 + 0.7 * blob, 0.2 + 0.1 * i + 0.2 * xx, 0.4 * yy], -1)
+        im = Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8))
+        if i == 3:
+            im = im.resize((80, 64))
+        im.save(folder / f"{i}.png")
+    return str(folder)
+
+
+def fixed_loss(sd, params, images, ids, n=4):
+    """The TI/DB objective on fixed draws of latents, t and noise (so 'before' and 'after' compare)."""
+    sched = sch.make_schedule(sd.scheduler)
+    key = jax.random.PRNGKey(123)
+    reps = jnp.concatenate([images] * n)
+    ids = jnp.broadcast_to(jnp.asarray(ids), (reps.shape[0], ids.shape[-1]))  # one prompt [L] for all
+    return float(jnp.mean(common.denoising_loss(sd, sched, params, reps, ids, key)))
+
+
+def ti_config(**kw):
+    c = attack_ti_tiny.get_config()
+    c.update(dict(max_steps=30, log_every=10, save_every=15, num_samples=1, sample_steps=4))
+    c.update(kw)
+    return c
+
+
+@pytest.fixture(scope="module")
+def ti_run(tiny, faces, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ti"))
+    logs = []
+    cfg = ti_config()
+    sd_new, params_new, token = attack.run_ti(cfg, faces, workdir, log=logs.append)
+    attack.write_samples(sd_new, params_new, cfg, token, workdir)
+    return workdir, sd_new, params_new, token, logs
+
+
+def test_ti_trains_only_the_placeholder_row(tiny, ti_run):
+    sd, params = tiny
+    workdir, sd_new, params_new, token, _ = ti_run
+    token_id = sd_new.tokenizer.convert_tokens_to_ids(token)
+    old, new = np.asarray(ti.get_table(params)), np.asarray(ti.get_table(params_new))
+    assert new.shape[0] == old.shape[0] + 1 == token_id + 1
+    np.testing.assert_array_equal(new[:-1], old)  # every other row exactly unchanged
+    init_id = sd.tokenizer.convert_tokens_to_ids("person</w>")
+    assert np.abs(new[token_id] - old[init_id]).max() > 1e-3  # the new row moved from the init word's
+    # the saved file has diffusers' layout and loads back to the same row
+    embeds = ti.load_learned_embeds(os.path.join(workdir, "learned_embeds.safetensors"))
+    assert list(embeds) == [token] and embeds[token].shape == (1, new.shape[1])
+    np.testing.assert_allclose(embeds[token][0], new[token_id], rtol=1e-6)
+
+
+def test_ti_lowers_the_loss_and_writes_outputs(tiny, faces, ti_run):
+    workdir, sd_new, params_new, token, logs = ti_run
+    images = common.load_instance_images(faces, sd_new.resolution, 1, log=lambda s: None)
+    ids = ti.template_ids(sd_new, token, "person")
+    token_id = sd_new.tokenizer.convert_tokens_to_ids(token)
+    init = ti.with_row(params_new, token_id, ti.get_table(tiny[1])[
+        tiny[0].tokenizer.convert_tokens_to_ids("person</w>")])
+    before = fixed_loss(sd_new, init, images, ids[0])
+    after = fixed_loss(sd_new, params_new, images, ids[0])
+    assert after < before, (before, after)
+    assert any("resized to 64x64" in line for line in logs)  # the odd-sized image was announced
+    for prompt in ("a photo of <person> person", "a dslr portrait of <person> person"):
+        d = os.path.join(workdir, "samples", attack.slug(prompt))
+        assert sorted(os.listdir(d)) == ["000.png"]
+        assert Image.open(os.path.join(d, "000.png")).size == (64, 64)
+
+
+def test_ti_bad_inputs(tiny, faces, tmp_path):
+    sd, params = tiny
+    with pytest.raises(ValueError, match="person</w>|already"):
+        sdm.add_placeholder_token(sd, params, "person</w>", "person")
+    with pytest.raises(ValueError, match="xylophonequartz"):
+        sdm.add_placeholder_token(sd, params, "<new>", "xylophonequartz")
+    with pytest.raises(Exception, match="at least 9"):
+        attack.run_ti(ti_config(min_images=9), faces, str(tmp_path), log=lambda s: None)
+
+
+def db_config(**kw):
+    c = attack_db_tiny.get_config()
+    c.update(dict(max_steps=20, log_every=5, save_every=10, num_samples=1, sample_steps=4, num_class_images=4,
+                  class_steps=4))
+    c.update(kw)
+    return c
+
+
+def test_dreambooth_with_prior_lowers_loss(tiny, faces, tmp_path):
+    sd, params = tiny
+    cfg = db_config()
+    _, tuned, ident = attack.run_dreambooth(cfg, faces, str(tmp_path), log=lambda s: None)
+    assert len(os.listdir(tmp_path / "class_images")) == 4  # generated by the model itself
+    import json
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(m["loss_prior"] > 0 for m in metrics)  # the prior term is present
+    images = common.load_instance_images(faces, sd.resolution, 1, log=lambda s: None)
+    ids = sdm.tokenize(sd, [cfg.instance_prompt])[0]
+    assert fixed_loss(sd, tuned, images, jnp.asarray(ids)) < fixed_loss(sd, params, images, jnp.asarray(ids))
+    assert os.path.exists(tmp_path / "model" / "unet")
+
+
+def test_lora_trains_only_adapters(tiny, faces):
+    sd, params = tiny
+    cfg = db_config(lora_rank=2, prior_weight=0.0)
+    sched = sch.make_schedule(sd.scheduler)
+    tx = dreambooth.make_optimizer(cfg)
+    state = dreambooth.init_state(params, cfg, tx, jax.random.PRNGKey(0))
+    assert set(state.trainable["unet"]) and all(k.split("/")[-1] in lora.TARGETS for k in state.trainable["unet"])
+    frozen = dreambooth.frozen_params(params, cfg)
+    assert frozen["unet"] is params["unet"]
+    images = common.load_instance_images(faces, sd.resolution, 1, log=lambda s: None)
+    ids = jnp.asarray(sdm.tokenize(sd, [cfg.instance_prompt, cfg.class_prompt]))
+    step = jax.jit(dreambooth.make_step(sd, sched, tx, cfg, 4, 0))
+    new, info = step(state, frozen, images, images, ids[0], ids[1])
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), state.trainable, new.trainable)
+    assert any(jax.tree_util.tree_leaves(changed)) and "loss_prior" not in info
+    # merged weights differ only on the adapted kernels
+    merged = lora.merge(params["unet"], new.trainable["unet"], 1.0)
+    from flax import traverse_util
+    a, b = traverse_util.flatten_dict(params["unet"]), traverse_util.flatten_dict(merged)
+    diff = {"/".join(k) for k in a if np.any(np.asarray(a[k]) != np.asarray(b[k]))}
+    assert diff and all(k.split("/")[-2] in lora.TARGETS for k in diff)
+
+
+def test_ddim_deterministic_and_guidance_one(tiny):
+    sd, params = tiny
+    sched = sch.make_schedule(sd.scheduler)
+    predict = common._predictor(sd)
+    ids = jnp.asarray(sdm.tokenize(sd, ["a photo of person", ""]))
+    emb = sdm.text_embed(sd, params["text_encoder"], ids)
+    cond, uncond = emb[:1].repeat(2, 0), emb[1:].repeat(2, 0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+    a = sch.ddim_sample(predict, params["unet"], sched, x, cond, uncond, steps=4, guidance=3.0)
+    b = sch.ddim_sample(predict, params["unet"], sched, x, cond, uncond, steps=4, guidance=3.0)
+    np.testing.assert_array_equal(a, b)
+    one = sch.ddim_sample(predict, params["unet"], sched, x, cond, uncond, steps=4, guidance=1.0)
+    cond_only = sch.ddim_sample(predict, params["unet"], sched, x, cond, cond * 0 + 7, steps=4, guidance=1.0)
+    np.testing.assert_array_equal(one, cond_only)  # guidance 1: the unconditional branch is not used
+    assert float(jnp.abs(one - a).max()) > 1e-4
+
+
+def test_ti_step_on_8_devices_equals_1_device(tiny, faces):
+    sd, params = tiny
+    sd, params, token_id = sdm.add_placeholder_token(sd, params, "<p8>", "person")
+    sched = sch.make_schedule(sd.scheduler)
+    cfg = ti_config()
+    tx, _ = ti.make_optimizer(cfg, 8)
+    images = common.load_instance_images(faces, sd.resolution, 1, log=lambda s: None)
+    ids = jnp.asarray(ti.template_ids(sd, "<p8>", "person"))
+    rows = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.make_mesh(devices)
+        state = ti.init_state(params, token_id, tx)
+        step = jax.jit(ti.make_step(sd, sched, tx, token_id, 8, 0, parallel.data_sharding(mesh)))
+        for _ in range(2):
+            state, _ = step(state, params, images, ids)
+        rows.append(np.asarray(state.row))
+    np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
