@@ -11,6 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+# Compiled executables persist between runs (compilation dominates this suite's time on a CPU).
+_CACHE = os.environ.get("LDU_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ldu-jax", "jax"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -104,7 +104,7 @@ def test_ti_bad_inputs(tiny, faces, tmp_path):
 
 def db_config(**kw):
     c = attack_db_tiny.get_config()
-    c.update(dict(max_steps=20, log_every=5, save_every=10, num_samples=1, sample_steps=4, num_class_images=4,
+    c.update(dict(max_steps=10, log_every=5, save_every=10, num_samples=1, sample_steps=4, num_class_images=4,
                   class_steps=4))
     c.update(kw)
     return c
