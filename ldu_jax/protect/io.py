@@ -1,0 +1,340 @@
+"""Protecting a folder of photos, the input/output side: read, map a perturbation back, write, report.
+
+The model works on a centre square crop resized to R x R in [-1, 1]. Its perturbation is resized
+back onto that crop of the full-resolution original; the quantised result is scaled down until it
+meets the budget, written as PNG, read back and measured. Inputs are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import pathlib
+import tempfile
+import time
+import warnings
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ldu_jax import data
+from ldu_jax.metrics import image as metrics
+
+REPORT_NAME = 'report.csv'
+REPORT_COLUMNS = ('file', 'method', 'width', 'height', 'psnr', 'ssim', 'linf', 'budget_ok',
+                  'seconds', 'error')
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Perturbation budget. 'mse': mean squared error on the [-1, 1] scale; 'linf': max abs
+    difference on the [0, 1] scale."""
+    kind: str
+    eps: float
+
+    def __post_init__(self):
+        if self.kind not in ('mse', 'linf'):
+            raise ValueError(f"budget kind must be 'mse' or 'linf', got {self.kind!r}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f'budget eps must be finite and >= 0, got {self.eps!r}')
+
+    def measure(self, orig_u8, out_u8) -> float:
+        """The budgeted distance between two uint8 images."""
+        a, b = np.asarray(orig_u8), np.asarray(out_u8)
+        if a.shape != b.shape:
+            raise ValueError(f'image shapes differ: {a.shape} vs {b.shape}')
+        diff = a.astype(np.int64) - b.astype(np.int64)
+        if self.kind == 'linf':
+            return float(np.abs(diff).max(initial=0)) / 255.0
+        return float(np.square(diff).mean()) / 127.5 ** 2
+
+    def ok(self, orig_u8, out_u8) -> bool:
+        """Whether `out_u8` is within budget of `orig_u8`."""
+        if self.kind == 'linf':  # integer units, so k/255 == eps is not lost to rounding
+            a, b = np.asarray(orig_u8, np.int64), np.asarray(out_u8, np.int64)
+            if a.shape != b.shape:
+                raise ValueError(f'image shapes differ: {a.shape} vs {b.shape}')
+            return int(np.abs(a - b).max(initial=0)) / 255.0 <= self.eps + 1e-9
+        return self.measure(orig_u8, out_u8) <= self.eps * (1 + 1e-9)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Item:
+    """One decoded input: `stem` is the output name (without '.png')."""
+    path: pathlib.Path
+    stem: str
+    original_u8: np.ndarray  # HxWx3, EXIF-oriented
+    model_input: np.ndarray  # RxRx3 float32 in [-1, 1]
+    icc_profile: bytes | None = None  # kept for the output when it is an RGB profile
+
+
+def check_dirs(input_dir, output_dir) -> None:
+    """Refuse an output folder equal to, or inside, the input folder (symlinks resolved)."""
+    inp, out = pathlib.Path(input_dir), pathlib.Path(output_dir)
+    if not inp.exists():
+        raise data.DataError(f'input folder {inp} does not exist')
+    if not inp.is_dir():
+        raise data.DataError(f'input path {inp} is not a folder')
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'output path {out} exists and is not a folder')
+    rin, rout = inp.resolve(), out.resolve()
+    if rout == rin:
+        raise ValueError(f'output folder {out} is the input folder {inp}: refusing to write there')
+    if rin in rout.parents:
+        raise ValueError(f'output folder {out} is inside the input folder {inp} (inputs are listed '
+                         'recursively, so outputs would become inputs): choose a folder outside it')
+
+
+def output_names(paths) -> list[str]:
+    """Collision-free output stems: the file stem; for a shared stem, stem + '_' + extension;
+    a numeric suffix if that still collides. Case-insensitive, for case-insensitive filesystems."""
+    paths = [pathlib.Path(p) for p in paths]
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p.stem.casefold()] = counts.get(p.stem.casefold(), 0) + 1
+    wanted = [p.stem if counts[p.stem.casefold()] == 1 else f'{p.stem}_{p.suffix.lstrip(".")}'
+              for p in paths]
+    taken = {w.casefold() for w in wanted}
+    names, used = [], set()
+    for w in wanted:
+        name, k = w, 1
+        while name.casefold() in used or (name != w and name.casefold() in taken):
+            k += 1
+            name = f'{w}_{k}'
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def crop_box(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the centre square crop the model sees (integer pixels)."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
+def read_item(path, stem: str, resolution: int, max_pixels: int | None = None) -> Item:
+    """Decode one file (EXIF-oriented RGB, as data.load_image) at full size and at the model's
+    resolution; raises data.DataError. `max_pixels` defaults to PIL's Image.MAX_IMAGE_PIXELS (PIL's
+    own hard limit of twice that still applies)."""
+    path = pathlib.Path(path)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        if path.stat().st_size == 0:
+            raise data.DataError(f'{path}: empty file (0 bytes)')
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # checked just below
+            with Image.open(path) as img:
+                if limit is not None and img.width * img.height > limit:
+                    raise data.DataError(
+                        f'{path}: {img.width}x{img.height} exceeds the limit of {limit} pixels '
+                        '(possible decompression bomb)')
+                img.load()
+                icc = img.info.get('icc_profile')
+                rgb = data._to_rgb(ImageOps.exif_transpose(img))
+        top, left, side = crop_box(rgb.height, rgb.width)
+        small = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC,
+                           box=(left, top, left + side, top + side))
+    except data.DataError:
+        raise
+    except UnidentifiedImageError:
+        raise data.DataError(f'{path}: not a recognised image file') from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, MemoryError) as e:
+        raise data.DataError(f'{path}: cannot decode ({type(e).__name__}: {e})') from None
+    if not (isinstance(icc, bytes) and icc[16:20] == b'RGB '):  # e.g. a CMYK or grey profile
+        icc = None
+    return Item(path, stem, np.asarray(rgb, np.uint8).copy(),
+                np.asarray(small, np.float32) / 127.5 - 1.0, icc)
+
+
+def read_inputs(input_dir, resolution: int, max_pixels: int | None = None):
+    """All images under `input_dir`: (items, bad) with bad = [(path, reason)]."""
+    paths = data.list_images(input_dir)
+    items, bad = [], []
+    for path, stem in zip(paths, output_names(paths)):
+        try:
+            items.append(read_item(path, stem, resolution, max_pixels))
+        except data.DataError as e:
+            bad.append((path, str(e)))
+    return items, bad
+
+
+def _resize_float(x: np.ndarray, side: int) -> np.ndarray:
+    """Bicubic resize of a float HxWxC array to side x side, per channel, in float32."""
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., i], np.float32), 'F')
+                        .resize((side, side), Image.Resampling.BICUBIC)) for i in range(x.shape[-1])]
+    return np.stack(chans, -1)
+
+
+def apply_perturbation(original_u8, model_input, protected_model, budget: Budget,
+                       iters: int = 20):
+    """Map the model-resolution perturbation onto the original; scale it down if needed.
+
+    Returns (out_u8, {'scale': s, 'scaled': bool}); out_u8 always meets `budget` (s = 0 is the
+    original itself).
+    """
+    orig = np.asarray(original_u8)
+    if orig.dtype != np.uint8 or orig.ndim != 3 or orig.shape[-1] != 3:
+        raise ValueError(f'original must be uint8 HxWx3, got {orig.dtype} {orig.shape}')
+    delta = np.asarray(protected_model, np.float32) - np.asarray(model_input, np.float32)
+    if not np.isfinite(delta).all():
+        raise ValueError('perturbation is not finite')
+    top, left, side = crop_box(*orig.shape[:2])
+    crop = (slice(top, top + side), slice(left, left + side))
+    base = orig[crop].astype(np.float32)
+    delta_px = _resize_float(delta, side) * 127.5  # [-1, 1] units -> pixel units
+
+    def render(s: float) -> np.ndarray:
+        out = orig.copy()
+        out[crop] = np.clip(np.rint(base + np.float32(s) * delta_px), 0, 255).astype(np.uint8)
+        return out
+
+    out = render(1.0)
+    if budget.ok(orig, out):
+        return out, {'scale': 1.0, 'scaled': False}
+    lo, hi, best = 0.0, 1.0, orig.copy()
+    for _ in range(iters):  # invariant: render(lo) is within budget
+        mid = 0.5 * (lo + hi)
+        cand = render(mid)
+        if budget.ok(orig, cand):
+            lo, best = mid, cand
+        else:
+            hi = mid
+    return best, {'scale': lo, 'scaled': True}
+
+
+def _save_png_atomic(path: pathlib.Path, array_u8: np.ndarray, icc_profile: bytes | None) -> None:
+    """PNG via a temp file in the same folder and os.replace (like data.save_image_atomic, plus ICC)."""
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            Image.fromarray(array_u8, 'RGB').save(
+                f, format='PNG', **({'icc_profile': icc_profile} if icc_profile else {}))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_output(out_dir, name: str, out_u8, orig_u8, budget: Budget,
+                 icc_profile: bytes | None = None) -> dict:
+    """Save `<name>.png` atomically, read it back and measure it against the original."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f'{name}.png'
+    _save_png_atomic(path, np.ascontiguousarray(out_u8, np.uint8), icc_profile)
+    with Image.open(path) as img:
+        back = np.asarray(img.convert('RGB'))
+    orig = np.asarray(orig_u8)
+    if back.shape != orig.shape:
+        raise RuntimeError(f'{path}: read back {back.shape}, expected {orig.shape}')
+    a, b = orig / 255.0, back / 255.0
+    ssim = float(metrics.ssim(a, b)) if min(orig.shape[:2]) >= 11 else float('nan')
+    return {'output': path.name, 'width': orig.shape[1], 'height': orig.shape[0],
+            'psnr': float(metrics.psnr(a, b)), 'ssim': ssim, 'linf': float(metrics.linf(a, b)),
+            'budget_ok': budget.ok(orig, back)}
+
+
+def _cell(key: str, value) -> str:
+    if value is None or value == '':
+        return ''
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)  # 'inf' / 'nan'
+        return f'{value:.4f}' if key in ('psnr', 'seconds') else f'{value:.6f}'
+    return str(value)
+
+
+def write_report(out_dir, rows) -> pathlib.Path:
+    """Write `report.csv` (REPORT_COLUMNS, other keys ignored) atomically; returns its path."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f'.{REPORT_NAME}.', suffix='.tmp', dir=out_dir)
+    try:
+        with os.fdopen(fd, 'w', newline='', encoding='utf-8') as f:
+            writer = csv.writer(f)
+            writer.writerow(REPORT_COLUMNS)
+            for row in rows:
+                writer.writerow([_cell(k, row.get(k)) for k in REPORT_COLUMNS])
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _error_row(file: str, method: str, error: str) -> dict:
+    return {'file': file, 'method': method, 'output': '', 'error': error}
+
+
+def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: Budget,
+                   protect_batch: Callable[[np.ndarray], np.ndarray], batch_size: int,
+                   log: Callable[[str], None] = print, max_pixels: int | None = None) -> list[dict]:
+    """Protect every image under `input_dir` into `output_dir/<name>.png` plus `report.csv`.
+
+    `protect_batch` maps [batch_size, R, R, 3] float32 in [-1, 1] to the same shape; it is always
+    called with exactly `batch_size` rows (the last batch is padded by repetition). Only a batch's
+    decoded images are held in memory. Rows follow the input order; 'file' is the input path
+    relative to `input_dir`, 'seconds' the batch's model time / n plus the image's own time.
+    """
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    check_dirs(input_dir, output_dir)
+    root, out_dir = pathlib.Path(input_dir), pathlib.Path(output_dir)
+    paths = data.list_images(root)
+    names = output_names(paths)
+    real_inputs = {os.path.realpath(p) for p in paths}
+    for target in [out_dir / f'{n}.png' for n in names] + [out_dir / REPORT_NAME]:
+        if os.path.realpath(target) in real_inputs:
+            raise ValueError(f'output {target} would overwrite an input file')
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rel = {p: p.relative_to(root).as_posix() for p in paths}
+    rows: dict[pathlib.Path, dict] = {}
+    bad: list[tuple[pathlib.Path, str]] = []
+
+    def run(batch: list[Item]) -> None:
+        x = np.stack([it.model_input for it in batch]).astype(np.float32)
+        x = x[np.arange(batch_size) % len(batch)]  # pad by repeating: one compiled shape
+        t0 = time.perf_counter()
+        y = np.asarray(protect_batch(x), np.float32)
+        model_s = (time.perf_counter() - t0) / len(batch)
+        if y.shape != x.shape:
+            raise ValueError(f'protect_batch returned shape {y.shape}, expected {x.shape}')
+        for it, y_i in zip(batch, y):
+            t1 = time.perf_counter()
+            try:
+                out, info = apply_perturbation(it.original_u8, it.model_input, y_i, budget)
+            except ValueError as e:
+                rows[it.path] = _error_row(rel[it.path], method, f'{it.path}: {e}')
+                log(f'failed {it.path}: {e}')
+                continue
+            row = write_output(out_dir, it.stem, out, it.original_u8, budget, it.icc_profile)
+            row.update(file=rel[it.path], method=method, error='',
+                       seconds=model_s + time.perf_counter() - t1, **info)
+            rows[it.path] = row
+            log(f'{rel[it.path]} -> {row["output"]}: psnr {row["psnr"]:.2f} ssim {row["ssim"]:.4f} '
+                f'linf {row["linf"] * 255:.0f}/255' + (f' (scaled x{info["scale"]:.3f})'
+                                                       if info['scaled'] else ''))
+
+    pending: list[Item] = []
+    for path, name in zip(paths, names):
+        try:
+            pending.append(read_item(path, name, resolution, max_pixels))
+        except data.DataError as e:
+            bad.append((path, str(e)))
+            rows[path] = _error_row(rel[path], method, str(e))
+        if len(pending) == batch_size:
+            run(pending)
+            pending = []
+    if pending:
+        run(pending)
+    data.report_bad(bad, len(paths), log)
+    result = [rows[p] for p in paths]
+    write_report(out_dir, result)
+    return result

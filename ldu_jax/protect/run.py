@@ -1,0 +1,169 @@
+"""The LDU jobs behind ``perturb.py``: load the models, train ρ, protect a folder."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldu_jax import checkpoint as ckpt
+from ldu_jax import data as data_lib
+from ldu_jax import loop, parallel
+from ldu_jax.models.dit import dit_from_config
+from ldu_jax.models.perturber import Perturber
+from ldu_jax.protect import ldu
+from ldu_jax.sd import models as sdm
+from ldu_jax.shortcut import trainer
+
+
+def latent_shape(sd, resolution: int):
+    f = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    return (resolution // f, resolution // f, int(sd.vae.config.latent_channels))
+
+
+def load_shortcut(source: str, data_shape, seed: int = 0):
+    """(DiT module, EMA params, null label) from a ``train.py`` work dir, or a fresh random DiT
+    (``random``: an untrained flow, so invert/denoise reconstruct exactly; for tests)."""
+    if source == "random":
+        from configs import shortcut_tiny
+        mc = shortcut_tiny.get_config().model
+        model = dit_from_config(mc, data_shape[-1])
+        z = jnp.zeros((1,))
+        params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + tuple(data_shape)), z, z,
+                            z.astype(jnp.int32))["params"]
+        return model, params, mc.num_classes
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"shortcut model work dir {source} does not exist (train one with train.py)")
+    params, meta = ckpt.restore_params(source, ema=True)
+    if list(meta["data_shape"][-1:]) != [data_shape[-1]]:
+        raise ValueError(f"the shortcut model in {source} was trained on inputs {meta['data_shape']}, "
+                         f"but this VAE gives latents {list(data_shape)}")
+    mc = ml_collections.ConfigDict(meta["model"])
+    return dit_from_config(mc, data_shape[-1]), params, mc.num_classes
+
+
+def load_models(config, log=print):
+    """(LDU modules, params {'vae','unet','text_encoder','dit'}, ti_ids, db_ids, latent shape)."""
+    sd, params = sdm.load_sd(config.sd)
+    sd, params, ti_ids, db_ids = ldu.placeholder_setup(sd, params, config)
+    res = config.resolution or sd.resolution
+    shape = latent_shape(sd, res)
+    dit, dit_params, null = load_shortcut(config.shortcut, shape, config.seed)
+    if config.remat:
+        dit = dit.clone(remat=True)
+    rho = Perturber(widths=tuple(config.perturber.widths), norm=config.perturber.norm,
+                    residual=config.perturber.residual)
+    params = {**params, "dit": dit_params}
+    return ldu.LDU(sd, dit, rho, null), params, ti_ids, db_ids, shape, res
+
+
+def train_rho(config, workdir: str, log=print):
+    """Train ρ over an image folder (or the built-in samples); resumes from the work dir."""
+    os.makedirs(workdir, exist_ok=True)
+    models, params, ti_ids, db_ids, shape, res = load_models(config, log)
+    mesh = parallel.make_mesh()
+    if config.batch_size % jax.device_count():
+        mesh = parallel.make_mesh(jax.devices()[:1])
+    tx = ldu.make_rho_optimizer(config)
+    init = lambda key: ldu.init_rho_state(models, tx, key, shape, config)  # noqa: E731
+    key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init, key)
+    rep = parallel.replicated(mesh)
+    shardings = jax.tree_util.tree_map(lambda _: rep, abstract)
+    meta = {"kind": "ldu-rho", "perturber": config.perturber.to_dict(), "latent_shape": list(shape),
+            "param_shapes": ckpt.param_shapes(abstract.rho)}
+    manager = ckpt.make_manager(workdir, config.keep)
+    state = loop.init_or_restore(init, key, shardings, manager, meta, workdir, log)
+    dsh = parallel.data_sharding(mesh)
+    step = jax.jit(ldu.make_rho_step(models, tx, config, config.seed, dsh), donate_argnums=(0,))
+    frozen = jax.device_put(params, rep)
+    ids = jax.device_put((ti_ids, db_ids), rep)
+    folder = sample_folder(workdir) if config.dataset == "samples" else config.dataset
+    images = data_lib.ImageFolder(folder, res, log=log).batches(config.batch_size, config.seed,
+                                                                start_step=int(state.step))
+
+    def batches():
+        for x in images:
+            yield frozen, jax.device_put(x, dsh), *ids
+
+    protect = jax.jit(lambda p, x: ldu.protect_images(models, p, x, config)[0])
+    grid_x = next(data_lib.ImageFolder(folder, res, log=lambda s: None).batches(4, 0, flip=False))
+
+    def after_step(done, state):
+        if (config.grid_every and done % config.grid_every == 0) or done == config.max_steps:
+            write_grid(protect, {**params, "rho": state.rho}, grid_x,
+                       os.path.join(workdir, "grids", f"step_{done}.png"))
+
+    return loop.train_loop(state, step, batches(), manager=manager, meta=meta, workdir=workdir,
+                           max_steps=config.max_steps, log_every=config.log_every, save_every=config.save_every,
+                           batch_size=config.batch_size, desc="ldu-rho", after_step=after_step)
+
+
+def write_grid(protect, params, x, path):
+    """PNG rows: original | protected | 10x difference."""
+    x_prot = np.asarray(protect(params, jnp.asarray(x)))
+    rows = np.concatenate([x, np.clip(x_prot, -1, 1), np.clip((x_prot - x) * 10, -1, 1)])
+    data_lib.save_image_atomic(path, data_lib.make_grid(rows, ncol=len(x)))
+
+
+def rho_checkpoint(path: str):
+    """ρ variables from a ``perturb.py train`` work dir."""
+    manager = ckpt.make_manager(path)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no ρ checkpoint in {os.path.join(path, 'checkpoints')} "
+                                "(train one with: python perturb.py train ...)")
+    import orbax.checkpoint as ocp
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    meta = ckpt.read_meta(manager, step)
+    return state["rho"], meta
+
+
+def make_protector(method: str, config, checkpoint: str | None, log=print):
+    """(protect_batch(x [B,R,R,3] in [-1,1]) -> x', resolution) for ``ldu`` or ``ldu-opt``."""
+    models, params, ti_ids, db_ids, shape, res = load_models(config, log)
+    mesh = parallel.make_mesh()
+    if config.apply_batch % jax.device_count():
+        mesh = parallel.make_mesh(jax.devices()[:1])
+    dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    if method == "ldu":
+        if not checkpoint:
+            raise ValueError("--method=ldu needs --checkpoint=<perturb.py train work dir>")
+        rho, meta = rho_checkpoint(checkpoint)
+        ref = jax.eval_shape(lambda: models.rho.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape))))
+        ckpt.check_compatible(meta, {"param_shapes": ckpt.param_shapes(ref)}, checkpoint)
+        params = jax.device_put({**params, "rho": rho}, rep)
+        fn = jax.jit(lambda p, x: ldu.protect_images(models, p, x, config)[0], out_shardings=dsh)
+    elif method == "ldu-opt":
+        params = jax.device_put(params, rep)
+        ids = jax.device_put((ti_ids, db_ids), rep)
+        key = jax.random.PRNGKey(config.seed)
+        fn = jax.jit(lambda p, x: ldu.optimize_shift(models, p, x, *ids, key, config)[0], out_shardings=dsh)
+    else:
+        raise ValueError(f"unknown LDU method {method!r}")
+    return (lambda x: np.asarray(fn(params, jax.device_put(jnp.asarray(x), dsh)))), res
+
+
+SAMPLE_COUNT = 4
+
+
+def sample_folder(workdir: str) -> str:
+    """A few built-in sample portraits (procedural, deterministic) written under ``workdir``."""
+    folder = os.path.join(workdir, "sample_images")
+    if os.path.isdir(folder) and len(os.listdir(folder)) >= SAMPLE_COUNT:
+        return folder
+    yy, xx = np.mgrid[0:96, 0:80] / 96.0
+    for i in range(SAMPLE_COUNT):
+        rng = np.random.default_rng(i)
+        skin = rng.uniform(0.45, 0.9, 3) * [1.0, 0.8, 0.7]
+        face = np.exp(-(((xx - 0.42) / 0.22) ** 2 + ((yy - 0.5) / 0.3) ** 2))[..., None]
+        hair = ((yy < 0.3 + 0.1 * np.sin(xx * 9 + i)) & (face[..., 0] > 0.2))[..., None]
+        eyes = (np.exp(-(((xx - 0.34) ** 2 + (yy - 0.45) ** 2) / 0.0008))
+                + np.exp(-(((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.0008)))[..., None]
+        bg = rng.uniform(0.1, 0.9, 3) * (0.7 + 0.3 * yy[..., None])
+        img = bg * (1 - face) + skin * face
+        img = np.where(hair, rng.uniform(0, 0.6, 3), img) * (1 - 0.8 * eyes)
+        data_lib.save_image_atomic(os.path.join(folder, f"sample_{i}.png"), img.clip(0, 1) * 2 - 1)
+    return folder

@@ -1,0 +1,159 @@
+"""LDU: ρ, the invert -> shift -> denoise pipeline, the Lagrangian, training, ldu-opt, apply."""
+import csv
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import ldu_tiny
+from ldu_jax import parallel
+from ldu_jax.protect import ldu
+from ldu_jax.protect import run as prun
+from ldu_jax.shortcut import sampling, trainer
+
+
+def cfg(**kw):
+    c = ldu_tiny.get_config()
+    c.update(kw)
+    return c
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = cfg()
+    models, params, ti_ids, db_ids, shape, res = prun.load_models(c, log=lambda s: None)
+    # a DiT whose flow is not the identity (random final layer), so invert/denoise do real work
+    leaves, tree = jax.tree_util.tree_flatten(params["dit"])
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    params["dit"] = tree.unflatten([l + 0.02 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+    tx = ldu.make_rho_optimizer(c)
+    state = ldu.init_rho_state(models, tx, jax.random.PRNGKey(0), shape, c)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, res, res, 3)).astype(np.float32))
+    return c, models, params, ti_ids, db_ids, shape, state, x
+
+
+def test_rho_at_init_gives_the_plain_reconstruction(setup):
+    c, models, params, ti_ids, db_ids, shape, state, x = setup
+    p = {**params, "rho": state.rho}
+    x_prot, _ = jax.jit(lambda p, x: ldu.protect_images(models, p, x, c))(p, x)
+    apply_fn = trainer.make_apply(models.dit)
+    labels = jnp.full((4,), models.null_label, jnp.int32)
+    z0 = ldu.encode_mean(models, params["vae"], x)
+    zT = sampling.invert(apply_fn, params["dit"], z0, labels, steps=4)
+    assert float(jnp.abs(zT - z0).max()) > 1e-3  # the flow moves the latent
+    recon = ldu.vae_lib.decode(ldu._vae(models), params["vae"],
+                               sampling.denoise(apply_fn, params["dit"], zT, labels, steps=4))
+    np.testing.assert_allclose(np.asarray(x_prot), np.asarray(recon), atol=1e-5)
+
+
+def test_gradients_reach_every_rho_parameter(setup):
+    c, models, params, ti_ids, db_ids, shape, state, x = setup
+    # ρ's zero-initialised output layer blocks gradients to the layers before it; nudge it.
+    rho = jax.tree_util.tree_map(lambda a: a, state.rho)
+    rho["params"]["out"]["kernel"] = rho["params"]["out"]["kernel"] + 0.01
+
+    def loss(rp):
+        lag, _ = ldu.objective(models, {**params, "rho": {**rho, "params": rp}}, x, ti_ids, db_ids,
+                               jax.random.PRNGKey(1), jnp.float32(1.0), c)
+        return jnp.mean(lag)
+
+    grads = jax.jit(jax.grad(loss))(rho["params"])
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    zero = [jax.tree_util.keystr(p) for p, g in flat if not float(jnp.abs(g).max()) > 0]
+    assert not zero, zero
+
+
+def test_multiplier_rises_when_violated_and_decays_to_zero():
+    c = cfg()
+    lam = jnp.float32(0.0)
+    for _ in range(3):
+        lam = ldu.update_multiplier(lam, jnp.float32(0.5), c)  # d > eps
+    assert float(lam) == pytest.approx(0.75)
+    for _ in range(10):
+        lam = ldu.update_multiplier(lam, jnp.float32(-0.5), c)  # d < eps
+    assert float(lam) == 0.0
+    assert float(ldu.update_multiplier(jnp.float32(2.0), jnp.float32(1.0), cfg(multiplier="hinge"))) == 2.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short ρ training with a loose budget (d < eps), starting from λ = 1."""
+    workdir = str(tmp_path_factory.mktemp("rho"))
+    c = cfg(max_steps=8, log_every=2, save_every=8, eps=0.5, lam_init=1.0, lam_lr=0.5, lr=1e-2, grid_every=8)
+    state = prun.train_rho(c, workdir, log=lambda s: None)
+    return c, workdir, state
+
+
+def test_training_raises_l_pers_and_lambda_decays(trained):
+    c, workdir, state = trained
+    m = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in m] == [2, 4, 6, 8]
+    assert m[-1]["l_pers"] > m[0]["l_pers"], [r["l_pers"] for r in m]
+    assert m[0]["lambda"] > 0 and float(state.lam) == 0.0  # d < eps: the multiplier decays to 0
+    assert all(r["d"] < c.eps for r in m)
+    assert os.path.exists(os.path.join(workdir, "grids", "step_8.png"))
+
+
+def test_apply_meets_budget_and_keeps_inputs(trained, tmp_path):
+    c, workdir, _ = trained
+    from perturb import apply
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (80, 50)), ("b.jpg", (64, 64)), ("c.webp", (37, 64))):
+        Image.fromarray(rng.integers(0, 255, size[::-1] + (3,), dtype=np.uint8)).save(src / name)
+    (src / "bad.png").write_bytes(b"")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    c = cfg(eps=(8 / 255) ** 2)
+    rows = apply("ldu", c, workdir, str(src), str(tmp_path / "out"), log=lambda s: None)
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    assert before == after
+    with open(tmp_path / "out" / "report.csv") as f:
+        report = {r["file"]: r for r in csv.DictReader(f)}
+    assert report["bad.png"]["error"]
+    for name, size in (("a.png", (80, 50)), ("b.jpg", (64, 64)), ("c.webp", (37, 64))):
+        stem = os.path.splitext(name)[0]
+        out = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png").convert("RGB"), np.float64)
+        orig = np.asarray(Image.open(src / name).convert("RGB"), np.float64)
+        assert out.shape[:2] == size[::-1]
+        assert np.mean(np.square((out - orig) / 127.5)) <= c.eps + 1e-12
+        assert report[name]["budget_ok"] == "True"
+    with pytest.raises(ValueError):
+        apply("ldu", c, workdir, str(src), str(src), log=lambda s: None)
+
+
+def test_ldu_opt_is_one_compiled_loop(setup):
+    c, models, params, ti_ids, db_ids, shape, state, x = setup
+    c = cfg(opt_steps=7)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: ldu.optimize_shift(models, p, x, ti_ids, db_ids,
+                                                               jax.random.PRNGKey(0), c))(params, x))
+    assert "while[" in jaxpr
+    # the Adam loop over δ is one loop, not opt_steps unrolled copies: twice the steps, same program
+    n_unet_calls = jaxpr.count("conv_general_dilated")
+    c2 = cfg(opt_steps=14)
+    jaxpr2 = str(jax.make_jaxpr(lambda p, x: ldu.optimize_shift(models, p, x, ti_ids, db_ids,
+                                                                jax.random.PRNGKey(0), c2))(params, x))
+    assert jaxpr2.count("conv_general_dilated") == n_unet_calls  # more steps, same program size
+
+
+def test_rho_step_on_8_devices_equals_1_device(setup):
+    c, models, params, ti_ids, db_ids, shape, state, x = setup
+    x = jnp.concatenate([x, x[:, ::-1]])  # 8 images, one per device
+    c = cfg(ti_weight=0.0, lam_init=1.0)  # the data-parallel machinery, without the UNet's compile cost
+    tx = ldu.make_rho_optimizer(c)
+    outs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.make_mesh(devices)
+        st = ldu.init_rho_state(models, tx, jax.random.PRNGKey(0), shape, c)
+        step = jax.jit(ldu.make_rho_step(models, tx, c, 0, parallel.data_sharding(mesh)))
+        for _ in range(2):
+            st, info = step(st, params, x, ti_ids, db_ids)
+        outs.append((st, info))
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0][0].rho), jax.tree_util.tree_leaves(outs[1][0].rho)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert float(outs[0][1]["d"]) == pytest.approx(float(outs[1][1]["d"]), rel=1e-5)
