@@ -86,7 +86,7 @@ def main(argv):
             if not FLAGS.input or not FLAGS.output:
                 raise SystemExit("error: apply needs --input and --output")
             rows = apply(FLAGS.method, config, FLAGS.checkpoint, FLAGS.input, FLAGS.output)
-            failed = [r for r in rows if r["error"] or str(r["budget_ok"]) != "True"]
+            failed = [r for r in rows if r["error"] or not r["budget_ok"]]
             print(f"protected {len(rows) - len(failed)} of {len(rows)} files into {FLAGS.output}")
             if failed:
                 sys.exit(1)

@@ -109,6 +109,9 @@ def test_protect_folder_meets_budget_and_keeps_inputs(folder, tmp_path, budget):
         else:
             assert np.abs(diff).max() / 255 <= budget.eps + 1e-12
         assert np.abs(diff).max() > 0  # something was added
+        assert row['psnr'] == pytest.approx(float(metrics.psnr(orig / 255, back / 255)))
+        assert row['linf'] == pytest.approx(float(metrics.linf(orig / 255, back / 255)))
+        assert row['ssim'] == pytest.approx(float(metrics.ssim(orig / 255, back / 255)), abs=1e-6)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ['a.png', 'b.png', 'c_jpg.png', 'c_png.png', 'd.png', 'rot.png', 'report.csv'])
     assert sum('skipped' in s for s in logs) == len(bad) + 1
@@ -285,3 +288,10 @@ def test_psnr_mse_linf():
     batch = metrics.psnr(np.stack([a, a]), np.stack([a, b]))
     assert batch.shape == (2,) and batch[0] == np.inf and np.isfinite(batch[1])
     assert metrics.psnr(a * 255, b * 255, data_range=255) == pytest.approx(metrics.psnr(a, b))
+
+
+def test_non_finite_model_output_is_an_error_row(folder, tmp_path):
+    rows, _ = _run(folder, tmp_path, MSE, lambda x: np.full_like(x, np.nan))
+    assert all(r['error'] for r in rows)
+    assert sum('not finite' in r['error'] for r in rows) == 6
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['report.csv']

@@ -15,7 +15,7 @@ import pathlib
 import tempfile
 import time
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,6 +26,24 @@ from ldu_jax.metrics import image as metrics
 REPORT_NAME = 'report.csv'
 REPORT_COLUMNS = ('file', 'method', 'width', 'height', 'psnr', 'ssim', 'linf', 'budget_ok',
                   'seconds', 'error')
+
+
+class DiffStats(NamedTuple):
+    """Exact integer summary of |a - b| between uint8 arrays."""
+    max_abs: int
+    sum_sq: int
+    count: int
+
+
+def diff_stats(a_u8, b_u8) -> DiffStats:
+    """Max |a - b|, sum of (a - b)**2 and the number of values, exactly, for equal-shape uint8."""
+    a, b = np.asarray(a_u8), np.asarray(b_u8)
+    if a.shape != b.shape or a.dtype != np.uint8 or b.dtype != np.uint8:
+        raise ValueError(f'expected equal-shape uint8 arrays, got {a.dtype} {a.shape} and '
+                         f'{b.dtype} {b.shape}')
+    d = np.maximum(a, b) - np.minimum(a, b)  # |a - b| without leaving uint8
+    return DiffStats(int(d.max(initial=0)),
+                     int(np.square(d, dtype=np.uint16).sum(dtype=np.uint64)), d.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,24 +59,24 @@ class Budget:
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f'budget eps must be finite and >= 0, got {self.eps!r}')
 
+    def measure_stats(self, st: DiffStats) -> float:
+        """The budgeted distance from diff_stats."""
+        if self.kind == 'linf':
+            return st.max_abs / 255.0
+        return st.sum_sq / max(st.count, 1) / 127.5 ** 2
+
+    def ok_stats(self, st: DiffStats) -> bool:
+        """Whether diff_stats are within budget (linf in integer units: max / 255 <= eps)."""
+        tol = 1e-9 if self.kind == 'linf' else 1e-9 * self.eps
+        return self.measure_stats(st) <= self.eps + tol
+
     def measure(self, orig_u8, out_u8) -> float:
         """The budgeted distance between two uint8 images."""
-        a, b = np.asarray(orig_u8), np.asarray(out_u8)
-        if a.shape != b.shape:
-            raise ValueError(f'image shapes differ: {a.shape} vs {b.shape}')
-        diff = a.astype(np.int64) - b.astype(np.int64)
-        if self.kind == 'linf':
-            return float(np.abs(diff).max(initial=0)) / 255.0
-        return float(np.square(diff).mean()) / 127.5 ** 2
+        return self.measure_stats(diff_stats(orig_u8, out_u8))
 
     def ok(self, orig_u8, out_u8) -> bool:
         """Whether `out_u8` is within budget of `orig_u8`."""
-        if self.kind == 'linf':  # integer units, so k/255 == eps is not lost to rounding
-            a, b = np.asarray(orig_u8, np.int64), np.asarray(out_u8, np.int64)
-            if a.shape != b.shape:
-                raise ValueError(f'image shapes differ: {a.shape} vs {b.shape}')
-            return int(np.abs(a - b).max(initial=0)) / 255.0 <= self.eps + 1e-9
-        return self.measure(orig_u8, out_u8) <= self.eps * (1 + 1e-9)
+        return self.ok_stats(diff_stats(orig_u8, out_u8))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -184,26 +202,34 @@ def apply_perturbation(original_u8, model_input, protected_model, budget: Budget
         raise ValueError('perturbation is not finite')
     top, left, side = crop_box(*orig.shape[:2])
     crop = (slice(top, top + side), slice(left, left + side))
-    base = orig[crop].astype(np.float32)
-    delta_px = _resize_float(delta, side) * 127.5  # [-1, 1] units -> pixel units
+    base_u8 = orig[crop]
+    base = base_u8.astype(np.float32)
+    delta_px = _resize_float(delta, side) * np.float32(127.5)  # [-1, 1] units -> pixel units
+    outside = orig.size - base_u8.size  # unchanged values: |diff| = 0
 
-    def render(s: float) -> np.ndarray:
-        out = orig.copy()
-        out[crop] = np.clip(np.rint(base + np.float32(s) * delta_px), 0, 255).astype(np.uint8)
-        return out
+    def render(s: float):  # the crop at scale s, and whether the whole image is within budget
+        x = np.multiply(delta_px, np.float32(s))
+        x += base
+        np.clip(np.rint(x, out=x), 0, 255, out=x)
+        crop_u8 = x.astype(np.uint8)
+        st = diff_stats(base_u8, crop_u8)
+        return crop_u8, budget.ok_stats(st._replace(count=st.count + outside))
 
-    out = render(1.0)
-    if budget.ok(orig, out):
-        return out, {'scale': 1.0, 'scaled': False}
-    lo, hi, best = 0.0, 1.0, orig.copy()
-    for _ in range(iters):  # invariant: render(lo) is within budget
-        mid = 0.5 * (lo + hi)
-        cand = render(mid)
-        if budget.ok(orig, cand):
-            lo, best = mid, cand
-        else:
-            hi = mid
-    return best, {'scale': lo, 'scaled': True}
+    best, full_ok = render(1.0)
+    scale = 1.0
+    if not full_ok:
+        lo, hi, best = 0.0, 1.0, base_u8
+        for _ in range(iters):  # invariant: scale lo is within budget
+            mid = 0.5 * (lo + hi)
+            cand, ok = render(mid)
+            if ok:
+                lo, best = mid, cand
+            else:
+                hi = mid
+        scale = lo
+    out = orig.copy()
+    out[crop] = best
+    return out, {'scale': scale, 'scaled': not full_ok}
 
 
 def _save_png_atomic(path: pathlib.Path, array_u8: np.ndarray, icc_profile: bytes | None) -> None:
@@ -231,11 +257,12 @@ def write_output(out_dir, name: str, out_u8, orig_u8, budget: Budget,
     orig = np.asarray(orig_u8)
     if back.shape != orig.shape:
         raise RuntimeError(f'{path}: read back {back.shape}, expected {orig.shape}')
-    a, b = orig / 255.0, back / 255.0
-    ssim = float(metrics.ssim(a, b)) if min(orig.shape[:2]) >= 11 else float('nan')
+    st = diff_stats(orig, back)
+    ssim = (float(metrics.ssim(orig.astype(np.float32) / 255, back.astype(np.float32) / 255))
+            if min(orig.shape[:2]) >= 11 else float('nan'))  # too small for an 11x11 window
     return {'output': path.name, 'width': orig.shape[1], 'height': orig.shape[0],
-            'psnr': float(metrics.psnr(a, b)), 'ssim': ssim, 'linf': float(metrics.linf(a, b)),
-            'budget_ok': budget.ok(orig, back)}
+            'psnr': 10 * math.log10(255.0 ** 2 * st.count / st.sum_sq) if st.sum_sq else math.inf,
+            'ssim': ssim, 'linf': st.max_abs / 255.0, 'budget_ok': budget.ok_stats(st)}
 
 
 def _cell(key: str, value) -> str:
