@@ -59,7 +59,9 @@ def demo(config):
         grid = data_lib.make_grid(np.stack(pairs), ncol=2)
         data_lib.save_image_atomic(os.path.join(DEMO_DIR, "grid.png"), grid)
     for r in rows:
-        print(f"  {r['file']}: PSNR {r['psnr']} dB, SSIM {r['ssim']}, budget_ok {r['budget_ok']}")
+        if not r["error"]:
+            print(f"  {r['file']}: PSNR {float(r['psnr']):.2f} dB, SSIM {float(r['ssim']):.4f}, "
+                  f"within budget: {r['budget_ok']}")
     print(f"\nWrote {out}/ (protected images, report.csv) and {DEMO_DIR}/grid.png (original | protected).\n"
           "These tiny random models protect nothing: they only show the pipeline working. For real\n"
           "protection train a shortcut model on your Stable Diffusion VAE's latents (train.py) and run\n"

@@ -146,7 +146,7 @@ def test_ldu_opt_is_one_compiled_loop(setup):
     c = cfg(opt_steps=7)
     jaxpr = str(jax.make_jaxpr(lambda p, x: ldu.optimize_shift(models, p, x, ti_ids, db_ids,
                                                                jax.random.PRNGKey(0), c))(params, x))
-    assert "while[" in jaxpr
+    assert "length=7" in jaxpr  # the fori_loop over δ's Adam steps (a scan of 7 iterations)
     # the Adam loop over δ is one loop, not opt_steps unrolled copies: twice the steps, same program
     n_unet_calls = jaxpr.count("conv_general_dilated")
     c2 = cfg(opt_steps=14)
@@ -168,6 +168,9 @@ def test_rho_step_on_8_devices_equals_1_device(setup):
         for _ in range(2):
             st, info = step(st, params, x, ti_ids, db_ids)
         outs.append((st, info))
+    # Adam moves each weight by about lr per step whatever the gradient's size, so near-zero
+    # gradients may flip sign between reduction orders: compare weights to 2 lr, the rest tightly.
     for a, b in zip(jax.tree_util.tree_leaves(outs[0][0].rho), jax.tree_util.tree_leaves(outs[1][0].rho)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    assert float(outs[0][1]["d"]) == pytest.approx(float(outs[1][1]["d"]), rel=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2 * c.lr)
+    for k in ("d", "loss", "grad_norm", "lambda"):
+        assert float(outs[0][1][k]) == pytest.approx(float(outs[1][1][k]), rel=1e-4), k
