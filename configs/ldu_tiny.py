@@ -15,6 +15,7 @@ def get_config():
     c.rounds = 1                   # invert -> shift -> denoise cycles
     c.fixed_point_iters = 0        # refinement of each inversion step
     c.remat = False                # recompute VAE / UNet / DiT in the backward pass (memory)
+    c.dtype = "float32"            # compute dtype of the SD parts and the DiT: float32 or bfloat16
     c.perturber = ml_collections.ConfigDict(dict(widths=(16, 32), norm="group", residual=True))
     # objective: maximise L_pers subject to d(x', x) <= eps
     c.distance = "mse"             # 'mse' (on [-1, 1] images) or 'ssim' (1 - SSIM)

@@ -111,6 +111,29 @@ def test_training_lambda_decays_and_writes_outputs(trained):
     assert m[0]["lambda"] > 0 and float(state.lam) == 0.0  # d < eps: the multiplier decays to 0
     assert all(r["d"] < c.eps for r in m)
     assert os.path.exists(os.path.join(workdir, "grids", "step_8.png"))
+    assert all(0 < r["ssim"] <= 1 and np.isfinite(r["psnr"]) for r in m)
+
+
+def test_batchnorm_perturber_and_bf16(setup):
+    c, models, params, ti_ids, db_ids, shape, state, x = setup
+    from ldu_jax.models.perturber import Perturber
+    bn = Perturber(widths=(16, 32), norm="batch", residual=False)
+    v = bn.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape)))
+    assert "batch_stats" in v
+    z = jax.random.normal(jax.random.PRNGKey(1), (4,) + tuple(shape))
+    out, upd = bn.apply(v, z, True, mutable=["batch_stats"])
+    assert out.shape == z.shape
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree_util.tree_leaves(upd["batch_stats"]),
+                                                                 jax.tree_util.tree_leaves(v["batch_stats"])))
+    # group norm: one image's output does not depend on the rest of its batch
+    rv = jax.tree_util.tree_map(lambda a: a + 0.01, state.rho)  # non-zero output layer
+    full = models.rho.apply(rv, z)
+    assert float(jnp.abs(full - z).max()) > 1e-4
+    np.testing.assert_allclose(models.rho.apply(rv, z.at[1:].set(0.0))[0], full[0], atol=1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        bn.clone(widths=(8, 8, 8, 8, 8)).init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 4)))
+    m16, *_ = prun.load_models(cfg(dtype="bfloat16"), log=lambda s: None)
+    assert m16.dit.dtype == jnp.bfloat16 and m16.sd.unet.dtype == jnp.bfloat16
 
 
 def test_apply_meets_budget_and_keeps_inputs(trained, tmp_path):

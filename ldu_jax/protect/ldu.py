@@ -187,8 +187,11 @@ def make_rho_step(models, tx, cfg, seed: int, data_sharding=None):
         viol = jnp.mean(aux["viol"])
         lam = update_multiplier(state.lam, viol, cfg)
         d = jnp.mean(aux["d"]) if cfg.distance == "mse" else jnp.mean(distance(aux["x_prot"], images, "mse"))
+        from ldu_jax.metrics.image import ssim
+        x_prot = jnp.clip(aux["x_prot"].astype(jnp.float32), -1, 1)
         info = {"loss": loss, "l_pers": jnp.mean(aux["l_pers"]), "d": jnp.mean(aux["d"]), "lambda": state.lam,
-                "psnr": psnr_from_mse(d), "grad_norm": optax.tree.norm(grads)}
+                "psnr": psnr_from_mse(d), "ssim": jnp.mean(ssim((x_prot + 1) / 2, (images + 1) / 2)),
+                "grad_norm": optax.tree.norm(grads)}
         return RhoState(state.step + 1, rho, opt_state, lam), info
 
     return step

@@ -46,13 +46,13 @@ def load_shortcut(source: str, data_shape, seed: int = 0):
 
 def load_models(config, log=print):
     """(LDU modules, params {'vae','unet','text_encoder','dit'}, ti_ids, db_ids, latent shape)."""
-    sd, params = sdm.load_sd(config.sd)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    sd, params = sdm.load_sd(config.sd, dtype=dtype)  # bf16 compute, f32 parameters
     sd, params, ti_ids, db_ids = ldu.placeholder_setup(sd, params, config)
     res = config.resolution or sd.resolution
     shape = latent_shape(sd, res)
     dit, dit_params, null = load_shortcut(config.shortcut, shape, config.seed)
-    if config.remat:
-        dit = dit.clone(remat=True)
+    dit = dit.clone(remat=bool(config.remat), dtype=dtype)
     rho = Perturber(widths=tuple(config.perturber.widths), norm=config.perturber.norm,
                     residual=config.perturber.residual)
     params = {**params, "dit": dit_params}
