@@ -25,7 +25,6 @@ from configs import ldu_tiny  # noqa: E402
 from ldu_jax.models.perturber import Perturber  # noqa: E402
 from ldu_jax.protect import ldu  # noqa: E402
 from ldu_jax.protect import run as prun  # noqa: E402
-from ldu_jax.sd import models as sdm  # noqa: E402
 
 
 def build(model: str, config):

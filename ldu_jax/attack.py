@@ -34,7 +34,7 @@ def _setup(config, images_dir, workdir, log):
     os.makedirs(workdir, exist_ok=True)
     sd, params = sdm.load_sd(config.model)
     images = common.load_instance_images(images_dir, sd.resolution, config.min_images, log)
-    mesh = common.batch_mesh(config.batch_size)
+    mesh = parallel.batch_mesh(config.batch_size)
     return sd, params, images, mesh
 
 

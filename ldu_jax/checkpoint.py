@@ -75,14 +75,20 @@ def restore_latest(manager, abstract_state, meta: dict, where: str):
     return out["state"]
 
 
-def restore_params(workdir: str, ema: bool = True, step: int | None = None):
-    """(params, meta) of a work dir's latest (or given) checkpoint, as host arrays."""
+def restore_state(workdir: str, step: int | None = None):
+    """(state dict, meta) of a work dir's latest (or given) checkpoint, as saved."""
     manager = make_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return state["params_ema" if ema else "params"], read_meta(manager, step)
+    return state, read_meta(manager, step)
+
+
+def restore_params(workdir: str, ema: bool = True, step: int | None = None):
+    """(params, meta) of a shortcut-model work dir: the EMA (or live) weights."""
+    state, meta = restore_state(workdir, step)
+    return state["params_ema" if ema else "params"], meta
 
 
 def load_official_pickle(path: str, allow_pickle: bool = False) -> dict:

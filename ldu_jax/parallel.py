@@ -42,6 +42,13 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+def batch_mesh(batch_size: int) -> Mesh:
+    """A Mesh over the most devices that divide both ``batch_size`` and the device count."""
+    devices = jax.devices()
+    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0 and len(devices) % d == 0)
+    return make_mesh(devices[:n])
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 

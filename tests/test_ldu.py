@@ -149,7 +149,7 @@ def test_apply_meets_budget_and_keeps_inputs(trained, tmp_path):
     c = cfg(eps=(8 / 255) ** 2)
     rows = apply("ldu", c, workdir, str(src), str(tmp_path / "out"), log=lambda s: None)
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
-    assert before == after
+    assert before == after and len(rows) == 4
     with open(tmp_path / "out" / "report.csv") as f:
         report = {r["file"]: r for r in csv.DictReader(f)}
     assert report["bad.png"]["error"]

@@ -1,5 +1,4 @@
 """Noise schedule, targets and DDIM against diffusers' PyTorch schedulers."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -64,14 +64,6 @@ def latent_loss(sd, sched, params, latents, input_ids, k_noise, k_t):
     return sch.noise_loss(sched, pred, latents, noise, t)
 
 
-def batch_mesh(batch_size: int):
-    """A Mesh over the most devices that divide ``batch_size`` (all of them when they do)."""
-    from ldu_jax import parallel
-    devices = jax.devices()
-    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0 and len(devices) % d == 0)
-    return parallel.make_mesh(devices[:n])
-
-
 def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: float, seed: int, batch: int = 4):
     """{prompt: uint8 images [n, R, R, 3]} sampled with DDIM and classifier-free guidance."""
     sched = sch.make_schedule(sd.scheduler)
@@ -79,7 +71,7 @@ def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: fl
     shape = (f, f, int(sd.vae.config.latent_channels))
     uncond = sdm.text_embed(sd, params["text_encoder"], sdm.tokenize(sd, [""]))
     predict = _predictor(sd)
-    decode = jax.jit(lambda p, z: vae_lib.decode(vae_lib.VAE(sd.vae, None), p, z))
+    decode = vae_lib.decoder(sd.vae)
     out = {}
     for pi, prompt in enumerate(prompts):
         cond = sdm.text_embed(sd, params["text_encoder"], sdm.tokenize(sd, [prompt]))

@@ -54,18 +54,25 @@ def rho_apply(models, rho_vars, z, train: bool = False):
     return models.rho.apply(rho_vars, z, train), None
 
 
-def protect_latents(models, params, z0, cfg, shift=None, train: bool = False):
+def invert_latents(models, params, z, cfg):
+    """One k-step inversion of scaled latents through the shortcut model."""
+    labels = jnp.full((z.shape[0],), models.null_label, jnp.int32)
+    return sampling.invert(trainer.make_apply(models.dit), params["dit"], z, labels, steps=cfg.steps,
+                           fixed_point_iters=cfg.fixed_point_iters)
+
+
+def protect_latents(models, params, z0, cfg, shift=None, train: bool = False, zT=None):
     """z0 -> z0' through ``cfg.rounds`` rounds of invert -> shift -> denoise (k = cfg.steps).
 
-    ``shift``: ``zT -> zT'``; defaults to ρ with ``params['rho']``. Returns (z0', batch_stats).
+    ``shift``: ``zT -> zT'``; defaults to ρ with ``params['rho']``. ``zT``: the first round's
+    inversion of z0 when the caller already has it. Returns (z0', batch_stats).
     """
     apply_fn = trainer.make_apply(models.dit)
     labels = jnp.full((z0.shape[0],), models.null_label, jnp.int32)
     stats = None
     z = z0
-    for _ in range(cfg.rounds):
-        zT = sampling.invert(apply_fn, params["dit"], z, labels, steps=cfg.steps,
-                             fixed_point_iters=cfg.fixed_point_iters)
+    for r in range(cfg.rounds):
+        zT = invert_latents(models, params, z, cfg) if (r or zT is None) else zT
         if shift is None:
             zT, stats = rho_apply(models, params["rho"], zT, train)
         else:
@@ -74,13 +81,15 @@ def protect_latents(models, params, z0, cfg, shift=None, train: bool = False):
     return z, stats
 
 
-def protect_images(models, params, x, cfg, shift=None, train: bool = False):
-    """Images [-1, 1] NHWC -> protected images (and ρ's batch_stats when training with BatchNorm)."""
+def protect_images(models, params, x, cfg, shift=None, train: bool = False, latents=None):
+    """Images [-1, 1] NHWC -> protected images (and ρ's batch_stats when training with BatchNorm).
+
+    ``latents``: (z0, zT) of x when precomputed (ldu-opt reuses them across its steps)."""
     dec = functools.partial(vae_lib.decode, _vae(models))
     if cfg.remat:
         dec = jax.checkpoint(dec)
-    z0 = encode_mean(models, params["vae"], x)
-    z, stats = protect_latents(models, params, z0, cfg, shift, train)
+    z0, zT = latents if latents is not None else (encode_mean(models, params["vae"], x), None)
+    z, stats = protect_latents(models, params, z0, cfg, shift, train, zT)
     return dec(params["vae"], z), stats
 
 
@@ -119,9 +128,9 @@ def distance(x_prot, x, kind: str = "mse"):
     raise ValueError(f"objective.distance must be 'mse' or 'ssim', got {kind!r}")
 
 
-def objective(models, params, x, ti_ids, db_ids, key, lam, cfg, shift=None, train=False):
+def objective(models, params, x, ti_ids, db_ids, key, lam, cfg, shift=None, train=False, latents=None):
     """(lagrangian per image, aux). lam: scalar or per-image multiplier (no gradient)."""
-    x_prot, stats = protect_images(models, params, x, cfg, shift, train)
+    x_prot, stats = protect_images(models, params, x, cfg, shift, train, latents)
     x_eval = quantize_ste(x_prot) if cfg.quantize else x_prot
     lp = pers_loss(models, params, x_eval, ti_ids, db_ids, key, cfg)
     d = distance(x_eval, x, cfg.distance)
@@ -201,9 +210,8 @@ def optimize_shift(models, params, x, ti_ids, db_ids, key, cfg):
     """ldu-opt: optimise a per-image shift δ of zT with Adam for ``cfg.opt_steps`` steps inside one
     ``lax.fori_loop`` (per-image dual multipliers). Returns (protected images, info)."""
     z0 = encode_mean(models, params["vae"], x)
-    apply_fn = trainer.make_apply(models.dit)
-    labels = jnp.full((x.shape[0],), models.null_label, jnp.int32)
-    zT = sampling.invert(apply_fn, params["dit"], z0, labels, steps=cfg.steps, fixed_point_iters=cfg.fixed_point_iters)
+    latents = (z0, invert_latents(models, params, z0, cfg))  # independent of δ: computed once
+    zT = latents[1]
     tx = optax.adam(cfg.opt_lr)
     delta = jnp.zeros_like(zT)
     lam = jnp.full((x.shape[0],), cfg.lam_init, jnp.float32)
@@ -216,7 +224,7 @@ def optimize_shift(models, params, x, ti_ids, db_ids, key, cfg):
         k = jax.random.fold_in(key, i)
 
         def loss_fn(d):
-            lag, aux = objective(models, params, x, ti_ids, db_ids, k, lam, cfg, shift=shift_for(d))
+            lag, aux = objective(models, params, x, ti_ids, db_ids, k, lam, cfg, shift=shift_for(d), latents=latents)
             return jnp.sum(lag), aux   # sum: each image's δ gets its own gradient
 
         grads, aux = jax.grad(loss_fn, has_aux=True)(delta)
@@ -224,8 +232,7 @@ def optimize_shift(models, params, x, ti_ids, db_ids, key, cfg):
         return optax.apply_updates(delta, updates), opt_state, update_multiplier(lam, aux["viol"], cfg)
 
     delta, _, lam = jax.lax.fori_loop(0, cfg.opt_steps, body, (delta, tx.init(delta), lam))
-    del zT
-    x_prot, _ = protect_images(models, params, x, cfg, shift=shift_for(delta))
+    x_prot, _ = protect_images(models, params, x, cfg, shift=shift_for(delta), latents=latents)
     return x_prot, {"lambda": lam, "delta_norm": jnp.sqrt(jnp.mean(jnp.square(delta), axis=(1, 2, 3)))}
 
 

@@ -15,7 +15,6 @@ from ldu_jax.models.dit import dit_from_config
 from ldu_jax.models.perturber import Perturber
 from ldu_jax.protect import ldu
 from ldu_jax.sd import models as sdm
-from ldu_jax.shortcut import trainer
 
 
 def latent_shape(sd, resolution: int):
@@ -63,9 +62,7 @@ def train_rho(config, workdir: str, log=print):
     """Train ρ over an image folder (or the built-in samples); resumes from the work dir."""
     os.makedirs(workdir, exist_ok=True)
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
-    mesh = parallel.make_mesh()
-    if config.batch_size % jax.device_count():
-        mesh = parallel.make_mesh(jax.devices()[:1])
+    mesh = parallel.batch_mesh(config.batch_size)
     tx = ldu.make_rho_optimizer(config)
     init = lambda key: ldu.init_rho_state(models, tx, key, shape, config)  # noqa: E731
     key = jax.random.PRNGKey(config.seed)
@@ -109,24 +106,18 @@ def write_grid(protect, params, x, path):
 
 
 def rho_checkpoint(path: str):
-    """ρ variables from a ``perturb.py train`` work dir."""
-    manager = ckpt.make_manager(path)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no ρ checkpoint in {os.path.join(path, 'checkpoints')} "
-                                "(train one with: python perturb.py train ...)")
-    import orbax.checkpoint as ocp
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    meta = ckpt.read_meta(manager, step)
+    """ρ variables (and meta) from a ``perturb.py train`` work dir."""
+    try:
+        state, meta = ckpt.restore_state(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (train ρ with: python perturb.py train ...)") from e
     return state["rho"], meta
 
 
 def make_protector(method: str, config, checkpoint: str | None, log=print):
     """(protect_batch(x [B,R,R,3] in [-1,1]) -> x', resolution) for ``ldu`` or ``ldu-opt``."""
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
-    mesh = parallel.make_mesh()
-    if config.apply_batch % jax.device_count():
-        mesh = parallel.make_mesh(jax.devices()[:1])
+    mesh = parallel.batch_mesh(config.apply_batch)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
     if method == "ldu":
         if not checkpoint:

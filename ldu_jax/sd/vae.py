@@ -6,6 +6,7 @@ here only.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -93,3 +94,9 @@ def decode(vae: VAE, params, latents):
     """Scaled NHWC latents -> NHWC images (nominally in [-1, 1])."""
     out = vae.module.apply({"params": params}, latents / vae.scaling_factor, method=vae.module.decode)
     return jnp.transpose(out.sample, (0, 2, 3, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def decoder(module):
+    """A jitted ``(params, latents) -> images`` for a VAE module, compiled once per module and shape."""
+    return jax.jit(lambda params, z: decode(VAE(module, None), params, z))

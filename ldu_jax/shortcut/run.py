@@ -136,7 +136,7 @@ def write_samples(config, model, vae, params, data_shape, workdir, step):
         x = sampling.denoise(apply_fn, params, noise, labels, steps=int(k), cfg_scale=cfg, null_label=mc.num_classes)
         if vae is not None:
             from ldu_jax.sd import vae as vae_lib
-            x = jax.jit(lambda p, z: vae_lib.decode(vae, p, z))(vae.params, x)
+            x = vae_lib.decoder(vae.module)(vae.params, x)
         x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
         if jax.process_index() == 0:
             grid = data_lib.make_grid(np.clip(x, -1, 1), ncol=min(n, 8))
