@@ -30,12 +30,8 @@ DEMO_DIR = "ldu_demo"
 
 def apply(method, config, checkpoint, input_dir, output_dir, log=print):
     """Protect a folder; returns the report rows."""
-    from ldu_jax.protect import io as pio
-    from ldu_jax.protect.run import make_protector
-    budget = pio.Budget("mse", float(config.eps))
-    pio.check_dirs(input_dir, output_dir)
-    protect_batch, res = make_protector(method, config, checkpoint, log)
-    return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log)
+    from ldu_jax.protect.run import protect_dir
+    return protect_dir(method, config, checkpoint, input_dir, output_dir, log)
 
 
 def demo(config):

@@ -137,6 +137,16 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
     return (lambda x: np.asarray(fn(params, jax.device_put(jnp.asarray(x), dsh)))), res
 
 
+def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, output_dir: str, log=print):
+    """Protect every image of ``input_dir`` into ``output_dir`` (``<stem>.png`` + report.csv);
+    returns the report rows. The library side of ``perturb.py apply``."""
+    from ldu_jax.protect import io as pio
+    budget = pio.Budget("mse", float(config.eps))
+    pio.check_dirs(input_dir, output_dir)
+    protect_batch, res = make_protector(method, config, checkpoint, log)
+    return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log)
+
+
 SAMPLE_COUNT = 4
 
 
