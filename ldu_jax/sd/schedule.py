@@ -7,16 +7,16 @@ Conventions follow diffusers' PyTorch schedulers for Stable Diffusion: ``scaled_
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False)
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                    "prediction_type": "epsilon", "steps_offset": 1, "set_alpha_to_one": False}
 
 
 @flax.struct.dataclass
@@ -102,12 +102,32 @@ def ddim_sample(predict: Callable, params, sched: Schedule, x_T, cond, uncond, *
     conditional and unconditional (``uncond``) branches run in one batched call and combine as
     uncond + g (cond - uncond); with ``guidance == 1`` only the conditional branch runs.
     """
-    b = x_T.shape[0]
-    ts = jnp.asarray(ddim_timesteps(sched, steps))
-    ratio = sched.num_train_timesteps // steps
+    ts = ddim_timesteps(sched, steps)
+    return _ddim_scan(predict, params, sched, x_T, ts, ts - sched.num_train_timesteps // steps, cond, uncond, guidance)
+
+
+def diffpure_timesteps(num_train_timesteps: int, strength, steps: int):
+    """``steps`` descending timesteps from t* = strength (T - 1) to 0, for DiffPure (``strength``
+    may be traced, so one compilation serves every strength)."""
+    t_star = jnp.round(strength * (num_train_timesteps - 1))
+    return jnp.round(jnp.linspace(t_star, 0.0, steps)).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("predict", "guidance"))
+def ddim_from(predict: Callable, params, sched: Schedule, x_t, timesteps, cond, uncond, *, guidance: float = 1.0):
+    """DDIM (eta 0) from a noisy x at ``timesteps[0]`` down to clean, through the given descending
+    timesteps (e.g. ``diffpure_timesteps``); the last step lands on x0."""
+    ts = jnp.asarray(timesteps, jnp.int32)
+    prevs = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
+    return _ddim_scan(predict, params, sched, x_t, ts, prevs, cond, uncond, guidance)
+
+
+def _ddim_scan(predict, params, sched, x, ts, prevs, cond, uncond, guidance):
+    b = x.shape[0]
     acp = sched.alphas_cumprod
 
-    def step(x, t):
+    def step(x, tp):
+        t, t_prev = tp[0], tp[1]
         tb = jnp.full((b,), t, jnp.int32)
         if guidance == 1.0:
             pred = predict(params, x, tb, cond)
@@ -117,9 +137,8 @@ def ddim_sample(predict: Callable, params, sched: Schedule, x_T, cond, uncond, *
             pc, pu = both[:b], both[b:]
             pred = pu + guidance * (pc - pu)
         x0, eps = to_x0_eps(sched, pred, x, tb)
-        t_prev = t - ratio
         a_prev = jnp.where(t_prev >= 0, acp[jnp.maximum(t_prev, 0)], sched.final_alpha_cumprod)
         return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, None
 
-    x, _ = jax.lax.scan(step, x_T, ts)
+    x, _ = jax.lax.scan(step, x, jnp.stack([jnp.asarray(ts, jnp.int32), jnp.asarray(prevs, jnp.int32)], 1))
     return x

@@ -42,10 +42,15 @@ def guided_velocity(apply_fn, params, x, t, dt_base, labels, cfg_scale, null_lab
     return uncond + cfg_scale * (cond - uncond)
 
 
-@partial(jax.jit, static_argnames=("apply_fn", "steps", "cfg_scale", "null_label"))
-def denoise(apply_fn, params, x, labels, *, steps: int, cfg_scale=None, null_label: int = 0):
-    """Integrate noise x (t = 0) to data (t = 1) in ``steps`` Euler steps of the shortcut model."""
+@partial(jax.jit, static_argnames=("apply_fn", "steps", "cfg_scale", "null_label", "start"))
+def denoise(apply_fn, params, x, labels, *, steps: int, cfg_scale=None, null_label: int = 0, start: int = 0):
+    """Integrate noise x (t = 0) to data (t = 1) in ``steps`` Euler steps of the shortcut model.
+
+    ``start`` > 0 begins at t = start / steps with a partly noised x (DiffPure), running the
+    remaining steps of the same grid."""
     _check_steps(steps)
+    if not 0 <= start <= steps:
+        raise ValueError(f"start must be in [0, {steps}], got {start}")
     d = 1.0 / steps
     dt_base = jnp.float32(np.log2(steps))
 
@@ -53,7 +58,7 @@ def denoise(apply_fn, params, x, labels, *, steps: int, cfg_scale=None, null_lab
         v = guided_velocity(apply_fn, params, x, i * d, dt_base, labels, cfg_scale, null_label)
         return x + d * v.astype(x.dtype), None
 
-    x, _ = jax.lax.scan(step, x, jnp.arange(steps, dtype=jnp.float32))
+    x, _ = jax.lax.scan(step, x, jnp.arange(start, steps, dtype=jnp.float32))
     return x
 
 
@@ -67,7 +72,7 @@ def invert(apply_fn, params, x, labels, *, steps: int, cfg_scale=None, null_labe
 
     def step(x_next, i):
         t = i * d
-        vel = lambda z: guided_velocity(apply_fn, params, z, t, dt_base, labels,  # noqa: E731
+        vel = lambda z: guided_velocity(apply_fn, params, z, t, dt_base, labels,
                                         cfg_scale, null_label).astype(x_next.dtype)
         x_prev = x_next - d * vel(x_next)
         for _ in range(fixed_point_iters):
