@@ -1,0 +1,590 @@
+"""Fréchet Inception Distance with the standard FID network (TF's 2015-12-05 Inception graph).
+
+The network is the one pytorch-fid ports (FIDInceptionA/C/E_1/E_2; BatchNorm eps 1e-3), in
+inference mode: images in [0, 1] (or uint8) of any size are resized to 299x299 bilinearly
+(align_corners=False, no antialias), scaled to [-1, 1], and mapped to the 2048-d pool3 features.
+Weights come from pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (needs torch) or from a
+`.safetensors` / `.npz` file converted from it once (torch key names and layouts):
+
+    python -m ldu_jax.metrics.fid convert --weights pt_inception-2015-12-05-6726825d.pth --out inception_fid.safetensors
+    python -m ldu_jax.metrics.fid stats --weights inception_fid.safetensors --images DIR --out ref.npz
+    python -m ldu_jax.metrics.fid score --weights inception_fid.safetensors A B   # folders or .npz
+
+`params` below is the whole Flax variable dict {'params': ..., 'batch_stats': ...}.
+Statistics files are pytorch-fid's: .npz with `mu` [2048] and `sigma` [2048, 2048].
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import sys
+import tempfile
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+from flax import traverse_util
+
+SIZE = 299
+DIMS = 2048
+_HI = jax.lax.Precision.HIGHEST  # f32 accuracy on GPU (TF32) and TPU (bf16 passes) too
+
+
+class WeightsError(ValueError):
+    """A weight or statistics file cannot be used."""
+
+
+# ----------------------------------------------------------------------------- resizing
+
+@functools.cache
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of torch's 1-D linear interpolation (align_corners=False).
+
+    Source positions are computed in float32 as torch does, so the weights match its own.
+    """
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = np.clip(src - i0.astype(f32), f32(0), f32(1))
+    m = np.zeros((n_out, n_in), f32)
+    np.add.at(m, (np.arange(n_out), i0), f32(1) - w1)
+    np.add.at(m, (np.arange(n_out), i1), w1)
+    return m
+
+
+def resize_bilinear(images, size: int = SIZE):
+    """Resize [..., H, W, C] to [..., size, size, C] as torch's bilinear interpolate (jnp)."""
+    h, w = images.shape[-3], images.shape[-2]
+    if (h, w) == (size, size):
+        return images
+    x = jnp.einsum('oh,...hwc->...owc', _resize_matrix(h, size), images, precision=_HI)
+    return jnp.einsum('pw,...owc->...opc', _resize_matrix(w, size), x, precision=_HI)
+
+
+def resize_bilinear_np(image: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """numpy twin of `resize_bilinear` for one float32 HxWxC image (host-side, any size)."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    x = np.einsum('oh,hwc->owc', _resize_matrix(h, size), image)
+    return np.einsum('pw,owc->opc', _resize_matrix(w, size), x).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- network
+
+class BasicConv(nn.Module):
+    """Conv (no bias) -> BatchNorm (running stats, eps 1e-3) -> ReLU; torch's BasicConv2d."""
+    features: int
+    kernel: tuple[int, int] = (1, 1)
+    strides: int = 1
+    padding: tuple[int, int] = (0, 0)
+
+    @nn.compact
+    def __call__(self, x):
+        ph, pw = self.padding
+        x = nn.Conv(self.features, self.kernel, strides=self.strides, padding=((ph, ph), (pw, pw)),
+                    use_bias=False, precision=_HI, name='conv')(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='bn')(x)
+        return nn.relu(x)
+
+
+def _avg3(x):  # 3x3 stride-1 average over the in-image pixels only (count_include_pad=False)
+    return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max3s2(x):
+    return nn.max_pool(x, (3, 3), (2, 2))
+
+
+class FIDInceptionA(nn.Module):
+    pool_features: int
+
+    @nn.compact
+    def __call__(self, x):
+        b1 = BasicConv(64, name='branch1x1')(x)
+        b5 = BasicConv(48, name='branch5x5_1')(x)
+        b5 = BasicConv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
+        b3 = BasicConv(64, name='branch3x3dbl_1')(x)
+        b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
+        b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
+        bp = BasicConv(self.pool_features, name='branch_pool')(_avg3(x))
+        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b3 = BasicConv(384, (3, 3), strides=2, name='branch3x3')(x)
+        bd = BasicConv(64, name='branch3x3dbl_1')(x)
+        bd = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+        bd = BasicConv(96, (3, 3), strides=2, name='branch3x3dbl_3')(bd)
+        return jnp.concatenate([b3, bd, _max3s2(x)], axis=-1)
+
+
+class FIDInceptionC(nn.Module):
+    channels_7x7: int
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.channels_7x7
+        row, col = {'kernel': (1, 7), 'padding': (0, 3)}, {'kernel': (7, 1), 'padding': (3, 0)}
+        b1 = BasicConv(192, name='branch1x1')(x)
+        b7 = BasicConv(c, name='branch7x7_1')(x)
+        b7 = BasicConv(c, **row, name='branch7x7_2')(b7)
+        b7 = BasicConv(192, **col, name='branch7x7_3')(b7)
+        bd = BasicConv(c, name='branch7x7dbl_1')(x)
+        bd = BasicConv(c, **col, name='branch7x7dbl_2')(bd)
+        bd = BasicConv(c, **row, name='branch7x7dbl_3')(bd)
+        bd = BasicConv(c, **col, name='branch7x7dbl_4')(bd)
+        bd = BasicConv(192, **row, name='branch7x7dbl_5')(bd)
+        bp = BasicConv(192, name='branch_pool')(_avg3(x))
+        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b3 = BasicConv(192, name='branch3x3_1')(x)
+        b3 = BasicConv(320, (3, 3), strides=2, name='branch3x3_2')(b3)
+        b7 = BasicConv(192, name='branch7x7x3_1')(x)
+        b7 = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
+        b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
+        b7 = BasicConv(192, (3, 3), strides=2, name='branch7x7x3_4')(b7)
+        return jnp.concatenate([b3, b7, _max3s2(x)], axis=-1)
+
+
+class FIDInceptionE(nn.Module):
+    """E_1 (`pool='avg'`, count_include_pad=False) or E_2 (`pool='max'`) of the FID graph."""
+    pool: str
+
+    @nn.compact
+    def __call__(self, x):
+        row, col = {'kernel': (1, 3), 'padding': (0, 1)}, {'kernel': (3, 1), 'padding': (1, 0)}
+        b1 = BasicConv(320, name='branch1x1')(x)
+        b3 = BasicConv(384, name='branch3x3_1')(x)
+        b3 = jnp.concatenate([BasicConv(384, **row, name='branch3x3_2a')(b3),
+                              BasicConv(384, **col, name='branch3x3_2b')(b3)], axis=-1)
+        bd = BasicConv(448, name='branch3x3dbl_1')(x)
+        bd = BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+        bd = jnp.concatenate([BasicConv(384, **row, name='branch3x3dbl_3a')(bd),
+                              BasicConv(384, **col, name='branch3x3dbl_3b')(bd)], axis=-1)
+        if self.pool == 'avg':
+            p = _avg3(x)
+        else:
+            p = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+        bp = BasicConv(192, name='branch_pool')(p)
+        return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class InceptionV3FID(nn.Module):
+    """Images [N, H, W, 3] float in [0, 1] -> pool3 features [N, 2048] (inference only).
+
+    Submodule names are torchvision's / pytorch-fid's, so weights map one to one.
+    """
+
+    @nn.compact
+    def __call__(self, images):
+        x = resize_bilinear(images.astype(jnp.float32)) * 2.0 - 1.0
+        x = BasicConv(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)
+        x = BasicConv(32, (3, 3), name='Conv2d_2a_3x3')(x)
+        x = BasicConv(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
+        x = _max3s2(x)
+        x = BasicConv(80, name='Conv2d_3b_1x1')(x)
+        x = BasicConv(192, (3, 3), name='Conv2d_4a_3x3')(x)
+        x = _max3s2(x)
+        x = FIDInceptionA(32, name='Mixed_5b')(x)
+        x = FIDInceptionA(64, name='Mixed_5c')(x)
+        x = FIDInceptionA(64, name='Mixed_5d')(x)
+        x = InceptionB(name='Mixed_6a')(x)
+        for name, c in (('Mixed_6b', 128), ('Mixed_6c', 160), ('Mixed_6d', 160), ('Mixed_6e', 192)):
+            x = FIDInceptionC(c, name=name)(x)
+        x = InceptionD(name='Mixed_7a')(x)
+        x = FIDInceptionE('avg', name='Mixed_7b')(x)
+        x = FIDInceptionE('max', name='Mixed_7c')(x)
+        return jnp.mean(x, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------- weights
+
+# (collection, flax leaf) <-> torch suffix
+_LEAF_TO_TORCH = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
+                  ('params', 'bias'): 'bias', ('batch_stats', 'mean'): 'running_mean',
+                  ('batch_stats', 'var'): 'running_var'}
+_IGNORED = ('fc.weight', 'fc.bias')  # the 1008-way classifier; not part of pool3
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> dict:
+    """{flat flax path: shape} of the variables, traced once (no compute)."""
+    shapes = jax.eval_shape(InceptionV3FID().init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32))
+    return {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def _torch_name(path: tuple) -> str:
+    return '.'.join(path[1:-1]) + '.' + _LEAF_TO_TORCH[(path[0], path[-1])]
+
+
+def _is_ignored(key: str) -> bool:
+    return key in _IGNORED or key.endswith('.num_batches_tracked')
+
+
+def params_from_state_dict(state: dict, source: str = 'state dict') -> dict:
+    """Flax variables from {torch key: array} (pytorch-fid layout); errors name `source` and keys."""
+    flat, missing, bad_shape = {}, [], []
+    expected = set()
+    for path, shape in _template().items():
+        key = _torch_name(path)
+        expected.add(key)
+        if key not in state:
+            missing.append(key)
+            continue
+        a = np.asarray(state[key], np.float32)
+        if path[-1] == 'kernel':
+            a = a.transpose(2, 3, 1, 0) if a.ndim == 4 else a  # OIHW -> HWIO
+        if a.shape != tuple(shape):
+            bad_shape.append(f'{key} {np.shape(state[key])}')
+            continue
+        flat[path] = jnp.asarray(a)
+    unexpected = sorted(k for k in state if k not in expected and not _is_ignored(k))
+    problems = []
+    if missing:
+        problems.append(f'missing keys ({len(missing)}): {", ".join(missing[:10])}'
+                        + (' ...' if len(missing) > 10 else ''))
+    if unexpected:
+        problems.append(f'unexpected keys ({len(unexpected)}): {", ".join(unexpected[:10])}'
+                        + (' ...' if len(unexpected) > 10 else ''))
+    if bad_shape:
+        problems.append(f'wrong shapes: {", ".join(bad_shape[:10])}')
+    if problems:
+        raise WeightsError(f'{source}: not FID Inception weights: ' + '; '.join(problems))
+    return traverse_util.unflatten_dict(flat)
+
+
+def state_dict_from_params(params: dict) -> dict[str, np.ndarray]:
+    """{torch key: float32 array} in torch layout (the converted-file layout)."""
+    out = {}
+    for path, v in traverse_util.flatten_dict(params).items():
+        a = np.asarray(v, np.float32)
+        out[_torch_name(path)] = np.ascontiguousarray(a.transpose(3, 2, 0, 1) if path[-1] == 'kernel' else a)
+    return out
+
+
+def init_random(seed: int = 0) -> dict:
+    """Random variables (He-normal convs, identity BatchNorm), for tests; fast (no forward)."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in _template().items():
+        if path[-1] == 'kernel':
+            a = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:3]))
+        elif path[-1] in ('scale', 'var'):
+            a = np.ones(shape)
+        else:
+            a = np.zeros(shape)
+        flat[path] = jnp.asarray(a, jnp.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _load_torch(path: pathlib.Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(
+            f'{path}: reading a PyTorch .pth file needs torch: `pip install torch`, or convert it once '
+            f'where torch is installed: python -m ldu_jax.metrics.fid convert --weights {path} '
+            f'--out inception_fid.safetensors') from None
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; reported by name
+        raise WeightsError(f'{path}: cannot read as a torch state dict ({type(e).__name__}: {e})') from None
+    if not isinstance(state, dict):
+        raise WeightsError(f'{path}: expected a state dict, found {type(state).__name__}')
+    return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, 'detach')}
+
+
+def load_weights(path) -> dict:
+    """Variables from pytorch-fid's .pth (needs torch) or a converted .safetensors / .npz."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'FID Inception weights {path} not found')
+    suffix = path.suffix.lower()
+    if suffix in ('.pth', '.pt', '.bin'):
+        state = _load_torch(path)
+    elif suffix == '.safetensors':
+        from safetensors.numpy import load_file
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - reported by name
+            raise WeightsError(f'{path}: cannot read as safetensors ({type(e).__name__}: {e})') from None
+    elif suffix == '.npz':
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                state = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 - reported by name
+            raise WeightsError(f'{path}: cannot read as .npz ({type(e).__name__}: {e})') from None
+    else:
+        raise WeightsError(f'{path}: unknown weight format {suffix!r} (use .pth, .safetensors or .npz)')
+    return params_from_state_dict(state, str(path))
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """Call write(file object) on a temp file beside `path`, then rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_weights(path, params) -> None:
+    """Write variables as .safetensors or .npz (torch key names and layouts), atomically."""
+    path = pathlib.Path(path)
+    state = state_dict_from_params(params)
+    suffix = path.suffix.lower()
+    if suffix == '.safetensors':
+        from safetensors.numpy import save
+        data = save(state, metadata={'format': 'pt', 'model': 'pytorch-fid InceptionV3 (FID)'})
+        _atomic_write(path, lambda f: f.write(data))
+    elif suffix == '.npz':
+        _atomic_write(path, lambda f: np.savez(f, **state))
+    else:
+        raise WeightsError(f'{path}: cannot write weights as {suffix!r} (use .safetensors or .npz)')
+
+
+# ----------------------------------------------------------------------------- features
+
+@jax.jit
+def _forward(params, images):
+    return InceptionV3FID().apply(params, images)
+
+
+def _as_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 or float [0, 1] [N, H, W, 3] -> float32 [0, 1]; clear errors otherwise."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f'expected images [N, H, W, 3], got shape {images.shape}')
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f'expected uint8 or float images in [0, 1], got dtype {images.dtype}')
+    images = images.astype(np.float32)
+    if images.size and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+        raise ValueError(f'float images must be in [0, 1], got [{images.min():.3g}, {images.max():.3g}] '
+                         '(map [-1, 1] images with (x + 1) / 2)')
+    return images
+
+
+def features(params, images, batch_size: int = 50) -> np.ndarray:
+    """Pool3 features [N, 2048] (float32) of uint8 or [0, 1] float images [N, H, W, 3].
+
+    Runs in batches of exactly `batch_size` (the last one zero-padded), so each image size
+    compiles once.
+    """
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be positive, got {batch_size}')
+    images = np.asarray(images)
+    n = len(images)
+    out = np.zeros((n, DIMS), np.float32)
+    pending = None  # dispatch the next batch before fetching the previous one
+    for start in range(0, n, batch_size):
+        chunk = _as_unit_float(images[start:start + batch_size])
+        k = len(chunk)
+        if k < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - k,) + chunk.shape[1:], np.float32)])
+        result = _forward(params, chunk)
+        if pending is not None:
+            s, kk, r = pending
+            out[s:s + kk] = np.asarray(r)[:kk]
+        pending = (start, k, result)
+    if pending is not None:
+        s, kk, r = pending
+        out[s:s + kk] = np.asarray(r)[:kk]
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def gaussian_stats(feats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and sample covariance [D, D] (ddof 1, as pytorch-fid), float64."""
+    feats = np.asarray(feats, np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f'need features [N >= 2, D], got shape {feats.shape}')
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def save_stats(path, mu, sigma) -> None:
+    """Write pytorch-fid's .npz (keys `mu`, `sigma`) atomically."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    _atomic_write(pathlib.Path(path), lambda f: np.savez(f, mu=mu, sigma=sigma))
+
+
+def load_stats(path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from a pytorch-fid .npz; errors name the file and what is wrong."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'FID statistics {path} not found')
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ('mu', 'sigma') if k not in z.files]
+            if missing:
+                raise WeightsError(f'{path}: missing key(s) {", ".join(missing)} (found: {", ".join(z.files)})')
+            mu, sigma = z['mu'], z['sigma']
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported by name
+        raise WeightsError(f'{path}: cannot read as .npz ({type(e).__name__}: {e})') from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise WeightsError(f'{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]')
+    return mu, sigma
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings(), np.errstate(all='ignore'):
+        warnings.simplefilter('ignore', RuntimeWarning)
+        try:
+            return scipy.linalg.sqrtm(a)
+        except (np.linalg.LinAlgError, ValueError):
+            return np.full_like(a, np.nan)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    When the product is singular (sqrtm not finite), eps * I is added to both covariances.
+    Tiny imaginary parts of the root are dropped; a large one raises ValueError.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = len(mu1)
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f'mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}')
+    covmean = _sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(d) * eps
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
+        if not np.isfinite(covmean).all():
+            raise ValueError('frechet_distance: the covariance product has no finite square root')
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3:
+            raise ValueError(f'frechet_distance: square root has a large imaginary component ({imag:.3g})')
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def fid(params, images_a, images_b, batch_size: int = 50) -> float:
+    """FID between two image sets (uint8 or [0, 1] float [N, H, W, 3], N >= 2 each)."""
+    mu1, s1 = gaussian_stats(features(params, images_a, batch_size))
+    mu2, s2 = gaussian_stats(features(params, images_b, batch_size))
+    return frechet_distance(mu1, s1, mu2, s2)
+
+
+def fid_to_stats(params, images, stats_path, batch_size: int = 50) -> float:
+    """FID between an image set and precomputed statistics (pytorch-fid .npz)."""
+    mu2, s2 = load_stats(stats_path)
+    mu1, s1 = gaussian_stats(features(params, images, batch_size))
+    return frechet_distance(mu1, s1, mu2, s2)
+
+
+# ----------------------------------------------------------------------------- folders and CLI
+
+def _read_image(path) -> np.ndarray:
+    """One file as pytorch-fid reads it (PIL, .convert('RGB'), original size) resized to 299, [0, 1]."""
+    from PIL import Image
+    with Image.open(path) as img:
+        a = np.asarray(img.convert('RGB'), np.float32) / 255.0
+    return resize_bilinear_np(a)
+
+
+def folder_features(params, folder, batch_size: int = 50, log=print):
+    """(features [N, 2048], [(path, reason)] of unreadable files) of every image under `folder`."""
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    from ldu_jax.data import list_images, report_bad
+
+    paths = list_images(folder)
+    feats, bad, batch = [], [], []
+
+    def flush():
+        if batch:
+            feats.append(features(params, np.stack(batch), batch_size))
+            batch.clear()
+
+    for p in tqdm(paths, desc=f'FID features {folder}', dynamic_ncols=True, disable=None):
+        try:
+            batch.append(_read_image(p))
+        except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            bad.append((p, f'cannot decode ({type(e).__name__}: {e})'))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    report_bad(bad, len(paths), log)
+    return (np.concatenate(feats) if feats else np.zeros((0, DIMS), np.float32)), bad
+
+
+@functools.lru_cache(maxsize=1)
+def _load_weights_once(path: str) -> dict:
+    return load_weights(path)
+
+
+def _stats_of(weights, source, batch_size):
+    """((mu, sigma), bad files) of an .npz statistics file or an image folder."""
+    if pathlib.Path(source).suffix.lower() == '.npz':
+        return load_stats(source), []
+    if weights is None:
+        raise ValueError(f'{source} is a folder: --weights is needed to compute its features')
+    feats, bad = folder_features(_load_weights_once(weights), source, batch_size)
+    return gaussian_stats(feats), bad
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m ldu_jax.metrics.fid', description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='cmd', required=True)
+    c = sub.add_parser('convert', help='pytorch-fid .pth -> .safetensors / .npz (needs torch)')
+    c.add_argument('--weights', required=True)
+    c.add_argument('--out', required=True)
+    s = sub.add_parser('stats', help='mu/sigma .npz of an image folder')
+    s.add_argument('--weights', required=True)
+    s.add_argument('--images', required=True)
+    s.add_argument('--out', required=True)
+    s.add_argument('--batch-size', type=int, default=50)
+    f = sub.add_parser('score', help='FID between two image folders or .npz statistics files')
+    f.add_argument('--weights', help='needed when A or B is a folder')
+    f.add_argument('a')
+    f.add_argument('b')
+    f.add_argument('--batch-size', type=int, default=50)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == 'convert':
+            save_weights(args.out, load_weights(args.weights))
+            print(f'wrote {args.out}')
+            return 0
+        if args.cmd == 'stats':
+            feats, bad = folder_features(load_weights(args.weights), args.images, args.batch_size)
+            save_stats(args.out, *gaussian_stats(feats))
+            print(f'wrote {args.out} ({len(feats)} images)')
+            return 1 if bad else 0
+        (mu1, s1), bad1 = _stats_of(args.weights, args.a, args.batch_size)
+        (mu2, s2), bad2 = _stats_of(args.weights, args.b, args.batch_size)
+        print(f'FID: {frechet_distance(mu1, s1, mu2, s2):.4f}')
+        return 1 if bad1 or bad2 else 0
+    except (OSError, ValueError) as e:  # WeightsError, DataError and FileNotFoundError included
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Face identity (dlib: FDFR, ISM) and no-reference quality (BRISQUE against the brisque package,
+CLIP-IQA against an independent computation on a tiny random CLIP) on scikit-image's photos."""
+import functools
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+skimage_data = pytest.importorskip('skimage.data')
+
+from ldu_jax.metrics import face, quality
+
+
+@pytest.fixture(scope='module')
+def photos():
+    astro = skimage_data.astronaut()
+    lfw = (skimage_data.lfw_subset()[0] * 255).astype(np.uint8)  # a 25x25 grey LFW face: another person
+    other = np.array(Image.fromarray(lfw).resize((160, 160), Image.BICUBIC))
+    return {'astro': astro, 'mirror': np.ascontiguousarray(astro[:, ::-1]), 'coffee': skimage_data.coffee(),
+            'other': other}
+
+
+@pytest.fixture(scope='module')
+def dlib_model():
+    pytest.importorskip('dlib')
+    return face.load_face_model('dlib')
+
+
+def test_detect_and_fdfr(photos, dlib_model):
+    boxes = dlib_model.detect(photos['astro'])
+    assert boxes.shape[1] == 4 and len(boxes) >= 1
+    left, top, right, bottom = boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
+    assert 150 < (left + right) / 2 < 290 and 50 < (top + bottom) / 2 < 190  # Eileen Collins' face
+    assert dlib_model.detect(photos['coffee']).shape == (0, 4)
+    assert dlib_model.embed(photos['coffee']) is None
+    e = dlib_model.embed(photos['astro'])
+    assert e.shape == (128,)
+    assert np.isclose(np.linalg.norm(dlib_model.embed(photos['mirror']) - e), 0.19, atol=0.05)  # same-person < 0.6
+    assert face.fdfr([photos['astro'], photos['coffee']], model=dlib_model) == 0.5
+
+
+def test_ism_and_face_metrics(photos, dlib_model):
+    same, n = face.ism([photos['mirror']], [photos['astro']], model=dlib_model)
+    other, _ = face.ism([photos['other']], [photos['astro']], model=dlib_model)
+    assert n == 1 and same > 0.95 and other < same - 0.1
+    m = face.face_metrics([photos['mirror'], photos['coffee'], photos['other']], [photos['astro']],
+                          model=dlib_model)
+    assert m['n'] == 3 and m['n_faces'] == 2 and np.isclose(m['fdfr'], 1 / 3)
+    assert np.isclose(m['ism'], (same + other) / 2)
+    none, n = face.ism([photos['coffee']], [photos['astro']], model=dlib_model)
+    assert n == 0 and np.isnan(none)
+    with pytest.raises(ValueError, match='no face detected in any of the 1 reference'):
+        face.ism([photos['astro']], [photos['coffee']], model=dlib_model)
+    with pytest.raises(ValueError, match='uint8'):
+        face.fdfr([photos['astro'].astype(np.float32)], model=dlib_model)
+    with pytest.raises(ValueError, match="unknown face backend"):
+        face.load_face_model('vgg')
+
+
+def _reference_brisque(img):
+    """The brisque package's own features (with its opencv resize) and libsvm prediction. Its
+    ``score`` breaks on numpy 2 (it calls float() on 1-element arrays), so we flatten here."""
+    cv2 = pytest.importorskip('cv2')
+    pytest.importorskip('libsvm')
+    from brisque import BRISQUE
+    from skimage.color import rgb2gray
+    ref = BRISQUE(url=False)
+    g = rgb2gray(img)
+    half = cv2.resize(g, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_CUBIC)
+    feats = [*ref.calculate_brisque_features(g, 7, 7 / 6), *ref.calculate_brisque_features(half, 7, 7 / 6)]
+    return float(ref.calculate_image_quality_score(np.array([float(np.ravel(f)[0]) for f in feats])))
+
+
+def test_brisque_matches_reference_package(photos):
+    pytest.importorskip('brisque')
+    chelsea = skimage_data.chelsea()  # odd width: checks the half-size resize
+    imgs = [photos['astro'][:256, 128:384], photos['coffee'], chelsea]
+    ours = quality.brisque(imgs)
+    ref = np.array([_reference_brisque(im) for im in imgs])
+    assert ours.shape == (3,)
+    np.testing.assert_allclose(ours, ref, atol=0.02)
+
+
+def test_brisque_rises_with_distortion(photos):
+    if importlib.util.find_spec('brisque') is None:  # only its model files are needed here
+        pytest.skip('the brisque package (model files) is not installed')
+    from scipy import ndimage
+    img = photos['coffee'][::2, ::2]
+    blur = ndimage.gaussian_filter(img.astype(np.float64), (2, 2, 0))
+    noise = img + np.random.default_rng(0).normal(0, 20, img.shape)
+    imgs = np.stack([img, *(np.clip(np.rint(x), 0, 255).astype(np.uint8) for x in (blur, noise))])
+    clean, blurred, noisy = quality.brisque(imgs)
+    assert blurred > clean + 10 and noisy > clean + 10
+    assert quality.brisque_features(img).shape == (36,)
+    with pytest.raises(FileNotFoundError, match='svm.txt'):
+        quality.brisque([img], model_dir='/nonexistent')
+
+
+@pytest.fixture(scope='module')
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, FlaxCLIPModel
+
+    from ldu_jax.sd import models as M
+    from ldu_jax.sd.vae import compiled_init
+    tok = M.tiny_tokenizer()
+    vision = {'hidden_size': 32, 'intermediate_size': 37, 'num_hidden_layers': 2, 'num_attention_heads': 2,
+              'image_size': 32, 'patch_size': 8}
+    cfg = CLIPConfig(text_config=M.tiny_text_config(tok).to_dict(), vision_config=vision, projection_dim=16)
+    model = FlaxCLIPModel(cfg, _do_init=False)
+    params = compiled_init(functools.partial(model.init_weights, input_shape=model.input_shape),
+                           jax.random.PRNGKey(0))
+    path = str(tmp_path_factory.mktemp('clip'))
+    model.save_pretrained(path, params=params)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_clip_iqa(photos, tiny_clip):
+    from transformers import CLIPImageProcessor
+    imgs = [photos['astro'], photos['coffee'], skimage_data.chelsea()]
+    scores = quality.clip_iqa(imgs, tiny_clip, batch_size=2)
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    assert np.ptp(scores) > 0
+
+    model, params, tok = quality.load_clip(tiny_clip)
+    proc = CLIPImageProcessor(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
+    px = proc(imgs, return_tensors='np')['pixel_values']
+    t = tok(['Good photo.', 'Bad photo.'], padding=True, return_tensors='np')
+    img = np.asarray(jax.jit(lambda p, x: model.get_image_features(x, params=p))(params, px), np.float64)
+    txt = np.asarray(jax.jit(lambda p, i, m: model.get_text_features(i, attention_mask=m, params=p))(
+        params, t['input_ids'], t['attention_mask']), np.float64)
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=-1, keepdims=True)
+    logits = np.exp(float(params['logit_scale'])) * img @ txt.T
+    expected = 1 / (1 + np.exp(logits[:, 1] - logits[:, 0]))
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
