@@ -77,7 +77,8 @@ def init_or_restore(init_fn, key, shardings, manager, meta: dict, workdir: str, 
     """The newest checkpoint of ``workdir`` if any (checked against ``meta``), else ``init_fn(key)``.
 
     ``jit_init`` creates the state directly in its shardings; without it ``init_fn`` runs eagerly
-    (for states built from large arrays it closes over, which jit would bake in as constants).
+    (for states built from large arrays it closes over, which jit would bake in as constants) and
+    its leaves are copied, so a step that donates the state never deletes the caller's arrays.
     """
     abstract = jax.eval_shape(init_fn, key)
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -86,6 +87,7 @@ def init_or_restore(init_fn, key, shardings, manager, meta: dict, workdir: str, 
     if state is None:
         if jit_init:
             return jax.jit(init_fn, out_shardings=shardings)(key)
-        return jax.device_put(init_fn(key), shardings)
+        state = jax.device_put(init_fn(key), shardings)
+        return jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     log(f"resuming {workdir} from step {int(state.step)}")
     return state

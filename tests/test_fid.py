@@ -240,10 +240,9 @@ def test_init_random_has_the_weight_file_layout():
 # ----------------------------------------------------------------------------- statistics
 
 def _independent_fd(mu1, s1, mu2, s2):
-    """tr((S1 S2)^(1/2)) = sum of sqrt(eig(S1^(1/2) S2 S1^(1/2))), via symmetric eigendecompositions."""
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    """The textbook formula with scipy's general matrix square root (the implementation uses eigh)."""
+    import scipy.linalg
+    tr = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
     return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr
 
 
@@ -262,6 +261,9 @@ def test_frechet_distance():
     assert np.isclose(fidm.frechet_distance(mu3, s3, mu4, s4), _independent_fd(mu3, s3, mu4, s4), atol=1e-3)
     with pytest.raises(ValueError, match='mismatched'):
         fidm.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+    # from the features (the nuclear-norm form): the same value, full-rank and rank-deficient
+    assert np.isclose(fidm.frechet_distance_features(a, b), d, rtol=1e-8)
+    assert np.isclose(fidm.frechet_distance_features(c, e), _independent_fd(mu3, s3, mu4, s4), atol=1e-3)
 
 
 def test_stats_files(tmp_path):

@@ -115,7 +115,12 @@ def rho_checkpoint(path: str):
 
 
 def make_protector(method: str, config, checkpoint: str | None, log=print):
-    """(protect_batch(x [B,R,R,3] in [-1,1]) -> x', resolution) for ``ldu`` or ``ldu-opt``."""
+    """(protect_batch(x [B,R,R,3] in [-1,1]) -> x', resolution) for ``ldu`` or ``ldu-opt``, or a
+    pixel-space baseline (``baselines.METHODS``: advdm, aspl, fsmg, photoguard, mist, sds, sds-, pid)
+    with its ``configs/protect_<method>_*.py`` config."""
+    from ldu_jax.protect import baselines
+    if method in baselines.METHODS:
+        return baselines.make_protector(method, config, log)
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
     mesh = parallel.batch_mesh(config.apply_batch)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
@@ -139,9 +144,17 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
 
 def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, output_dir: str, log=print):
     """Protect every image of ``input_dir`` into ``output_dir`` (``<stem>.png`` + report.csv);
-    returns the report rows. The library side of ``perturb.py apply``."""
+    returns the report rows. The library side of ``perturb.py apply``.
+
+    The budget every written file meets: LDU's pixel MSE (``config.eps`` on [-1, 1]); for the
+    baselines the L-inf bound ``config.eps`` on the [0, 1] scale."""
+    from ldu_jax.protect import baselines
     from ldu_jax.protect import io as pio
-    budget = pio.Budget("mse", float(config.eps))
+    if method in baselines.METHODS:
+        baselines.check_config(method, config)
+        budget = pio.Budget("linf", float(config.eps))
+    else:
+        budget = pio.Budget("mse", float(config.eps))
     pio.check_dirs(input_dir, output_dir)
     protect_batch, res = make_protector(method, config, checkpoint, log)
     return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log)
@@ -155,16 +168,6 @@ def sample_folder(workdir: str) -> str:
     folder = os.path.join(workdir, "sample_images")
     if os.path.isdir(folder) and len(os.listdir(folder)) >= SAMPLE_COUNT:
         return folder
-    yy, xx = np.mgrid[0:96, 0:80] / 96.0
     for i in range(SAMPLE_COUNT):
-        rng = np.random.default_rng(i)
-        skin = rng.uniform(0.45, 0.9, 3) * [1.0, 0.8, 0.7]
-        face = np.exp(-(((xx - 0.42) / 0.22) ** 2 + ((yy - 0.5) / 0.3) ** 2))[..., None]
-        hair = ((yy < 0.3 + 0.1 * np.sin(xx * 9 + i)) & (face[..., 0] > 0.2))[..., None]
-        eyes = (np.exp(-(((xx - 0.34) ** 2 + (yy - 0.45) ** 2) / 0.0008))
-                + np.exp(-(((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.0008)))[..., None]
-        bg = rng.uniform(0.1, 0.9, 3) * (0.7 + 0.3 * yy[..., None])
-        img = bg * (1 - face) + skin * face
-        img = np.where(hair, rng.uniform(0, 0.6, 3), img) * (1 - 0.8 * eyes)
-        data_lib.save_image_atomic(os.path.join(folder, f"sample_{i}.png"), img.clip(0, 1) * 2 - 1)
+        data_lib.save_image_atomic(os.path.join(folder, f"sample_{i}.png"), data_lib.procedural_portrait(i))
     return folder

@@ -147,7 +147,21 @@ def tiny_text_config(tokenizer):
 
 def tiny_sd(seed: int = 0, *, dtype=jnp.float32) -> tuple[SD, dict]:
     """A small random SD, deterministic from ``seed``: vae.py's tiny VAE (64 px -> 8x8x4), a
-    cross-attention UNet and a 2-layer CLIP text encoder of width 32, the shipped tiny tokenizer."""
+    cross-attention UNet and a 2-layer CLIP text encoder of width 32, the shipped tiny tokenizer.
+
+    Built once per (seed, dtype) in a process: the same SD object (so jitted functions keyed on
+    it compile once) with a fresh copy of the params tree (the arrays are immutable)."""
+    key = (seed, jnp.dtype(dtype).name)
+    if key not in _TINY:
+        _TINY[key] = _build_tiny_sd(seed, dtype)
+    sd, params = _TINY[key]
+    return sd, jax.tree_util.tree_map(lambda x: x, params)
+
+
+_TINY: dict = {}
+
+
+def _build_tiny_sd(seed: int, dtype) -> tuple[SD, dict]:
     quiet_diffusers()
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import FlaxCLIPTextModel
