@@ -1,0 +1,47 @@
+"""PSNR/SSIM against scikit-image on natural and random images; the metrics command line."""
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldu_jax.metrics import __main__ as cli
+from ldu_jax.metrics import image as metrics
+
+skd = pytest.importorskip("skimage.data")
+skm = pytest.importorskip("skimage.metrics")
+
+
+@pytest.mark.parametrize("kind", ["natural", "random"])
+def test_psnr_ssim_agree_with_skimage(kind):
+    rng = np.random.default_rng(1)
+    a = skd.astronaut()[100:228, 150:278] if kind == "natural" else rng.integers(0, 256, (64, 72, 3), np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-12, 13, a.shape), 0, 255).astype(np.uint8)
+    x, y = a / 255.0, b / 255.0
+    want = skm.structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=1, channel_axis=-1)
+    assert float(metrics.ssim(x, y)) == pytest.approx(want, abs=1e-4)
+    assert float(metrics.psnr(x, y)) == pytest.approx(skm.peak_signal_noise_ratio(x, y, data_range=1), abs=1e-4)
+
+
+def test_metrics_command_pairs_by_stem_and_writes_csv(tmp_path, capsys):
+    ref, imgs = tmp_path / "ref", tmp_path / "imgs"
+    ref.mkdir()
+    imgs.mkdir()
+    face = np.asarray(Image.fromarray(skd.astronaut()).resize((256, 256)))
+    noisy = np.clip(face.astype(int) + np.random.default_rng(0).integers(-4, 5, face.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(face).save(ref / "a.png")
+    Image.fromarray(face[:, ::-1]).save(ref / "b.png")
+    Image.fromarray(noisy).save(imgs / "a.png")
+    Image.fromarray(skd.coffee()).save(imgs / "c.jpg")  # no reference of that stem; no face either
+    out = tmp_path / "m.csv"
+    assert cli.main(["--reference", str(ref), "--images", str(imgs), "--face", "--brisque", "--out", str(out)]) == 0
+    rows = list(csv.reader(open(out)))
+    assert rows[0] == list(cli.PAIR_COLUMNS)
+    by = {r[0]: r for r in rows[1:]}
+    want = metrics.psnr(face / 255.0, noisy / 255.0)
+    assert float(by["a"][1]) == pytest.approx(want, abs=1e-3) and "c" not in by
+    assert float(by["fdfr"][1]) == pytest.approx(0.5)  # the coffee photo has no face
+    assert float(by["ism"][1]) > 0.9 and float(by["brisque"][1]) > 0
+    assert "without a reference" in capsys.readouterr().err
+    assert cli.main(["--reference", str(tmp_path / "none"), "--images", str(imgs), "--out", str(out)]) == 2
