@@ -18,6 +18,9 @@ def get_config():
     c.keep = 3
     c.sample_every = 20_000
     c.num_samples = 16
+    c.fid_every = 0             # e.g. 20000 with fid_stats / fid_weights set
+    c.fid_samples = 10000
+    c.fid_batch = 128
     c.model.update(dict(
         hidden_size=768, patch_size=2, depth=12, num_heads=12, mlp_ratio=4.0,
         num_classes=1, class_dropout_prob=1.0, cfg_scale=0.0,

@@ -19,6 +19,13 @@ def get_config():
     c.sample_every = 0          # 0: only at the end
     c.sample_steps = (1, 4, 128)
     c.num_samples = 8
+    # FID of EMA samples at each of sample_steps every fid_every steps (0: off), as shortcut-models
+    # reports it: reference statistics from `python -m ldu_jax.metrics.fid stats` and the weights.
+    c.fid_every = 0
+    c.fid_stats = ""            # reference .npz (mu, sigma)
+    c.fid_weights = ""          # pytorch-fid Inception weights (.pth) or a converted .safetensors
+    c.fid_samples = 64          # generated images per FID
+    c.fid_batch = 16
     c.sharding = "dp"           # 'dp' or 'fsdp'
     c.fsdp_min_bytes = 4 * 2 ** 20
     c.distributed = "auto"      # jax.distributed.initialize(): 'auto', 'on', 'off'

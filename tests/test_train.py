@@ -153,14 +153,33 @@ def test_dp_and_fsdp_on_8_devices_equal_one_device():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
-def test_latent_space_training_with_a_vae(tmp_path):
-    config = tiny(vae="tiny", image_size=32, max_steps=4, log_every=2, save_every=4)
-    state = run.train(config, str(tmp_path), log=lambda s: None)
-    params, meta = ckpt.restore_params(str(tmp_path))
+def test_latent_space_training_with_a_vae_and_fid(tmp_path):
+    from ldu_jax.metrics import fid
+    weights, stats = str(tmp_path / "inception.safetensors"), str(tmp_path / "ref.npz")
+    fid.save_weights(weights, fid.init_random(0))
+    inception = fid.load_weights(weights)
+    ref_images = (np.random.default_rng(0).random((4, 32, 32, 3))).astype(np.float32)
+    fid.save_stats(stats, *fid.gaussian_stats(fid.features(inception, ref_images, 4)))
+    config = tiny(vae="tiny", image_size=32, max_steps=4, log_every=2, save_every=4, fid_every=4,
+                  fid_stats=stats, fid_weights=weights, fid_samples=4, fid_batch=4)
+    state = run.train(config, str(tmp_path / "w"), log=lambda s: None)
+    params, meta = ckpt.restore_params(str(tmp_path / "w"))
     assert meta["data_shape"] == [4, 4, 4]  # 32 px through a factor-8 VAE with 4 latent channels
     assert params["PatchEmbed_0"]["Conv_0"]["kernel"].shape[2] == 4
-    assert Image.open(tmp_path / "samples" / "step_4_k4.png").size[1] > 32
+    assert Image.open(tmp_path / "w" / "samples" / "step_4_k4.png").size[1] > 32
     assert int(state.step) == 4
+    logged = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    fids = [r for r in logged if "fid_1" in r]
+    assert [r["step"] for r in fids] == [4] and all(fids[0][f"fid_{k}"] > 0 for k in (1, 4))
+    # against the statistics of its own 4-step samples (same seeds), the 4-step FID is ~0
+    from ldu_jax.sd import vae as vae_lib
+    vae = vae_lib.load_vae("tiny")
+    model = dit_from_config(config.model, 4)
+    own = run.generate(config, model, vae, state.params_ema, (4, 4, 4), 4, 4, config.seed + 3)
+    f_own = fid.features(inception, (np.clip(own, -1, 1) + 1) / 2, 4)
+    scores = run.fid_scores(config, model, vae, state.params_ema, (4, 4, 4),
+                            (inception,) + fid.gaussian_stats(f_own))
+    assert abs(scores[4]) < 1e-6 * fids[0]["fid_4"] and fids[0]["fid_4"] > 1
 
 
 def _cli(*args):

@@ -108,9 +108,17 @@ def train(config, workdir: str, log=print):
             x = parallel.global_batch(mesh, images)
             yield (encode(vae.params, x, step) if encode is not None else x), parallel.global_batch(mesh, labels)
 
+    fid_ref = load_fid_reference(config)
+
     def after_step(done, state):
         if (config.sample_every and done % config.sample_every == 0) or done == config.max_steps:
             write_samples(config, model, vae, state.params_ema, data_shape, workdir, done)
+        if fid_ref is not None and (done % config.fid_every == 0 or done == config.max_steps):
+            scores = fid_scores(config, model, vae, state.params_ema, data_shape, fid_ref)
+            log(f"step {done}: " + ", ".join(f"FID@{k} {v:.2f}" for k, v in scores.items()))
+            if jax.process_index() == 0:
+                loop.append_jsonl(os.path.join(workdir, "metrics.jsonl"),
+                                  {"step": done, **{f"fid_{k}": v for k, v in scores.items()}})
 
     try:
         return loop.train_loop(state, update, batches(), manager=manager, meta=meta, workdir=workdir,
@@ -121,23 +129,54 @@ def train(config, workdir: str, log=print):
         close_data()
 
 
-def write_samples(config, model, vae, params, data_shape, workdir, step):
-    """PNG grids of EMA-model samples from fixed noise at each of ``config.sample_steps``."""
-    n = config.num_samples
-    key = jax.random.PRNGKey(config.seed + 2)
-    noise = jax.random.normal(key, (n,) + tuple(data_shape))
+def generate(config, model, vae, params, data_shape, n: int, k: int, seed: int) -> np.ndarray:
+    """``n`` EMA-model samples in [-1, 1] (pixels: decoded through the VAE) with ``k`` steps."""
+    noise = jax.random.normal(jax.random.PRNGKey(seed), (n,) + tuple(data_shape))
     mc = config.model
     if mc.cfg_scale == 0:
         labels, cfg = jnp.full((n,), mc.num_classes, jnp.int32), None
     else:
         labels, cfg = jnp.arange(n, dtype=jnp.int32) % mc.num_classes, float(mc.cfg_scale)
-    apply_fn = trainer.make_apply(model)
+    x = sampling.denoise(trainer.make_apply(model), params, noise, labels, steps=int(k), cfg_scale=cfg,
+                         null_label=mc.num_classes)
+    if vae is not None:
+        from ldu_jax.sd import vae as vae_lib
+        x = vae_lib.decoder(vae.module)(vae.params, x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def load_fid_reference(config):
+    """(Inception params, reference mu, sigma) when ``fid_every`` is set, else None."""
+    if not config.get("fid_every"):
+        return None
+    from ldu_jax.metrics import fid
+    if not config.fid_stats or not config.fid_weights:
+        raise ValueError("config.fid_every needs config.fid_stats (reference .npz, e.g. from "
+                         "`python -m ldu_jax.metrics.fid stats`) and config.fid_weights (Inception weights)")
+    return (fid.load_weights(config.fid_weights),) + tuple(fid.load_stats(config.fid_stats))
+
+
+def fid_scores(config, model, vae, params, data_shape, ref) -> dict:
+    """{k: FID of ``fid_samples`` EMA samples at k steps against the reference statistics}, for
+    each k of ``config.sample_steps`` (1, 4 and 128 as in shortcut-models)."""
+    from ldu_jax.metrics import fid
+    inception, mu, sigma = ref
+    out = {}
     for k in config.sample_steps:
-        x = sampling.denoise(apply_fn, params, noise, labels, steps=int(k), cfg_scale=cfg, null_label=mc.num_classes)
-        if vae is not None:
-            from ldu_jax.sd import vae as vae_lib
-            x = vae_lib.decoder(vae.module)(vae.params, x)
-        x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        feats = []
+        for start in range(0, config.fid_samples, config.fid_batch):
+            x = generate(config, model, vae, params, data_shape, config.fid_batch, k, config.seed + 3 + start)
+            feats.append(fid.features(inception, (np.clip(x, -1, 1) + 1) / 2, config.fid_batch))
+        f = np.concatenate(feats)[:config.fid_samples]
+        out[int(k)] = fid.frechet_distance(*fid.gaussian_stats(f), mu, sigma)
+    return out
+
+
+def write_samples(config, model, vae, params, data_shape, workdir, step):
+    """PNG grids of EMA-model samples from fixed noise at each of ``config.sample_steps``."""
+    for k in config.sample_steps:
+        x = generate(config, model, vae, params, data_shape, config.num_samples, k, config.seed + 2)
+        n = config.num_samples
         if jax.process_index() == 0:
             grid = data_lib.make_grid(np.clip(x, -1, 1), ncol=min(n, 8))
             data_lib.save_image_atomic(os.path.join(workdir, "samples", f"step_{step}_k{int(k)}.png"), grid)
