@@ -88,3 +88,30 @@ def test_config_errors_name_the_key(tmp_path):
         evaluate.load_config_file(str(tmp_path / "nowhere.py"))
     with pytest.raises(FileNotFoundError, match="no subject folders"):
         evaluate.find_subjects(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["eval_tiny", "eval_celebahq_sd21", "eval_vggface2_sd21"])
+def test_eval_configs_reference_loadable_configs(name):
+    import importlib
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert set(c.method_configs) <= set(c.methods) and set(c.attacks) <= set(c.attack_configs)
+    for m in c.methods:
+        if m != "none":
+            cfg = evaluate.load_config_file(c.method_configs[m], c.method_overrides.get(m, {}))
+            assert "eps" in cfg and "sd" in cfg
+    for a in c.attacks:
+        assert "model" in evaluate.load_config_file(c.attack_configs[a], c.attack_overrides.get(a, {}))
+    from ldu_jax import purify
+    [purify.parse(s) for s in c.settings]
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ldu_jax.evaluate", "--config=configs/eval_tiny.py",  # noqa: E731
+                                     f"--workdir={tmp_path}/w", *a], cwd=root, capture_output=True, text=True)
+    r = run("--config.methodz=none")
+    assert r.returncode != 0 and "methodz" in r.stderr and "Traceback" not in r.stderr
+    r = run(f"--config.data={tmp_path}/nowhere")
+    assert r.returncode != 0 and f"{tmp_path}/nowhere does not exist" in r.stderr and "Traceback" not in r.stderr
