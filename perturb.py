@@ -1,14 +1,19 @@
-"""Protect photos against personalization (LDU): train ρ, then protect folders.
+"""Protect photos against personalization (LDU, or a pixel-space baseline): train ρ, protect folders.
 
     python perturb.py                                   # demo: tiny models, built-in images -> ./ldu_demo/
     python perturb.py train --config=configs/ldu_tiny.py --workdir=runs/rho [--config.dataset=PATH]
     python perturb.py apply --method=ldu --config=configs/ldu_tiny.py --checkpoint=runs/rho \
         --input=photos/ --output=protected/
     python perturb.py apply --method=ldu-opt --config=configs/ldu_tiny.py --input=photos/ --output=protected/
+    python perturb.py apply --method=aspl --config=configs/protect_aspl_tiny.py --input=photos/ --output=protected/
+
+Baselines (``--method``, each with its ``configs/protect_<method>_{tiny,sd21}.py``; ``sds-`` uses
+``protect_sds_minus_*.py``): advdm, aspl, fsmg (Anti-DreamBooth), photoguard (encoder attack), mist,
+sds (SDS+), sds- (SDS-), pid. Their budget is L-inf: ``config.eps`` on the [0, 1] scale.
 
 ``apply`` writes ``<stem>.png`` at each input's size and ``report.csv``; every written file is read
-back and meets the budget (the perturbation is scaled back until it does). The exit status is 1
-when any input file could not be protected.
+back and meets the budget (LDU: pixel MSE; baselines: L-inf; the perturbation is scaled back until
+it does). The exit status is 1 when any input file could not be protected.
 """
 import os
 import sys
@@ -19,11 +24,12 @@ from ldu_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "train: work dir for ρ (checkpoints, metrics.jsonl, grids)")
-flags.DEFINE_enum("method", "ldu", ["ldu", "ldu-opt"], "apply: protection method")
+flags.DEFINE_enum("method", "ldu", ["ldu", "ldu-opt", "advdm", "aspl", "fsmg", "photoguard", "mist", "sds", "sds-",
+                                    "pid"], "apply: protection method (baselines take configs/protect_<method>_*.py)")
 flags.DEFINE_string("checkpoint", None, "apply --method=ldu: the ρ work dir made by `train`")
 flags.DEFINE_string("input", None, "apply: folder of photos to protect (never modified)")
 flags.DEFINE_string("output", None, "apply: output folder (must differ from --input)")
-cli.define_config("config", "configs/ldu_tiny.py", "a configs/ldu_*.py file")
+cli.define_config("config", "configs/ldu_tiny.py", "a configs/ldu_*.py file (baselines: configs/protect_*.py)")
 
 DEMO_DIR = "ldu_demo"
 

@@ -1,0 +1,9 @@
+"""SDS(-) (Xue et al. 2024: descending the score-distillation gradient, their stronger variant)
+with the settings of protect_sds_sd21.py."""
+from configs import protect_sds_sd21
+
+
+def get_config():
+    c = protect_sds_sd21.get_config()
+    c.method = "sds-"
+    return c
