@@ -189,7 +189,8 @@ def _resize_float(x: np.ndarray, side: int) -> np.ndarray:
 
 def apply_perturbation(original_u8, model_input, protected_model, budget: Budget,
                        iters: int = 20):
-    """Map the model-resolution perturbation onto the original; scale it down if needed.
+    """Map the model-resolution perturbation onto the original; scale it down if needed (an L-inf
+    budget clips the resized perturbation into its ball instead, so it is never scaled down).
 
     Returns (out_u8, {'scale': s, 'scaled': bool}); out_u8 always meets `budget` (s = 0 is the
     original itself).
@@ -205,6 +206,9 @@ def apply_perturbation(original_u8, model_input, protected_model, budget: Budget
     base_u8 = orig[crop]
     base = base_u8.astype(np.float32)
     delta_px = _resize_float(delta, side) * np.float32(127.5)  # [-1, 1] units -> pixel units
+    if budget.kind == 'linf':  # bicubic resizing overshoots an L-inf ball: clip back into it
+        bound = np.float32(math.floor(budget.eps * 255 + 1e-6))
+        np.clip(delta_px, -bound, bound, out=delta_px)
     outside = orig.size - base_u8.size  # unchanged values: |diff| = 0
 
     def render(s: float):  # the crop at scale s, and whether the whole image is within budget
