@@ -13,12 +13,14 @@ def get_config():
     c.reference_sets = ("set_A",)  # the person's clean photos: ISM reference and FID(gen) reference
     c.sd = "tiny"                  # Stable Diffusion used by the attacks, LDU and DiffPure
     c.shortcut = "random"          # LDU's shortcut model (a train.py work dir) and diffpure model=shortcut
-    c.methods = ("none", "ldu", "ldu-opt")
-    c.method_configs = {"ldu": "configs/ldu_tiny.py", "ldu-opt": "configs/ldu_tiny.py"}
+    c.methods = ("none", "ldu", "ldu-opt", "advdm", "photoguard", "pid")  # any key of method_configs
+    c.method_configs = {"ldu": "configs/ldu_tiny.py", "ldu-opt": "configs/ldu_tiny.py",
+                        **{m: f"configs/protect_{m.replace('sds-', 'sds_minus')}_tiny.py"
+                           for m in ("advdm", "aspl", "fsmg", "photoguard", "mist", "sds", "sds-", "pid")}}
     c.method_overrides = {"ldu": {"max_steps": 10}, "ldu-opt": {"opt_steps": 4}}
     c.rho_checkpoint = ""          # ldu: a `perturb.py train` work dir; '' trains ρ in <workdir>/rho
     c.rho_dataset = ""             # ρ training images when rho_checkpoint is ''; '' = the method config's
-    c.settings = ("none", "jpeg:quality=75", "blur:sigma=1.0", "diffpure:strength=0.1,steps=5")
+    c.settings = ("none", "jpeg:quality=75", "diffpure:strength=0.1,steps=5")
     c.attacks = ("ti", "dreambooth")
     c.attack_configs = {"ti": "configs/attack_ti_tiny.py", "dreambooth": "configs/attack_db_tiny.py"}
     c.attack_overrides = {"ti": {"max_steps": 20}, "dreambooth": {"max_steps": 20, "num_class_images": 4}}
