@@ -142,11 +142,11 @@ def test_sds_gradient_skips_the_unet_jacobian(tiny):
     np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
-def test_sharded_over_8_devices_equals_1_device(tiny):
+@pytest.mark.parametrize("method", ["photoguard", "pid", "advdm"])  # encoder-only, posterior, through the UNet
+def test_sharded_over_8_devices_equals_1_device(tiny, method):
     sd, p, x = tiny
-    method = "photoguard"  # the sharding machinery is the same for every method; this one compiles fast
     x8 = jnp.concatenate([x, x[:, ::-1], x[:, :, ::-1], -x])
-    c = tiny_cfg(method, target="zero")
+    c = tiny_cfg(method, **({"target": "zero"} if method == "photoguard" else {}))
     params = bl.prepare(method, sd, p, c, sd.resolution)
     outs = []
     for devices in (jax.devices()[:1], jax.devices()):
@@ -160,7 +160,8 @@ def test_sharded_over_8_devices_equals_1_device(tiny):
         outs.append(np.asarray(y))
     # sign steps: a gradient entry at the rounding noise level may flip between layouts
     assert np.mean(outs[0] != outs[1]) < 1e-3
-    np.testing.assert_allclose(outs[0], outs[1], atol=4 * c.step_size + 1e-6)
+    # ...and a flip can compound over later steps, but only in a handful of entries
+    assert np.mean(np.abs(outs[0] - outs[1]) > 4 * c.step_size + 1e-6) < 1e-4
 
 
 def test_protect_dir_writes_files_within_linf(tmp_path):
