@@ -148,6 +148,10 @@ def test_flax_roundtrip_bit_identical(loaded, tmp_path):
     assert M.tokenize(sd2, ["a <p8> dog"]).tolist() == M.tokenize(sd, ["a <p8> dog"]).tolist()
     assert tid in M.tokenize(sd2, ["a <p8> dog"])[0]
     assert sd2.unet.config.use_linear_projection and list(sd2.unet.config.attention_head_dim) == [2, 4]
+    # modules built from JSON configs hold lists (unhashable): the cached VAE decoder still works
+    z = jnp.zeros((1, sd2.resolution // 8, sd2.resolution // 8, 4))
+    from ldu_jax.sd.vae import decoder
+    assert decoder(sd2.vae) is decoder(sd2.vae) and decoder(sd2.vae)(params2["vae"], z).shape[-1] == 3
 
 
 # ----------------------------------------------------------------------------- parity with torch

@@ -6,7 +6,6 @@ here only.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, NamedTuple
 
@@ -96,7 +95,15 @@ def decode(vae: VAE, params, latents):
     return jnp.transpose(out.sample, (0, 2, 3, 1))
 
 
-@functools.lru_cache(maxsize=None)
+_DECODERS: dict = {}
+
+
 def decoder(module):
-    """A jitted ``(params, latents) -> images`` for a VAE module, compiled once per module and shape."""
-    return jax.jit(lambda params, z: decode(VAE(module, None), params, z))
+    """A jitted ``(params, latents) -> images`` for a VAE module, compiled once per module and shape.
+
+    Keyed on the module's identity: a module built from a JSON config holds lists and is not
+    hashable (the entry keeps the module alive, so its id is not reused)."""
+    entry = _DECODERS.get(id(module))
+    if entry is None or entry[0] is not module:
+        entry = _DECODERS[id(module)] = (module, jax.jit(lambda params, z: decode(VAE(module, None), params, z)))
+    return entry[1]

@@ -1,0 +1,47 @@
+"""The mini-world's VAE: diffusers FlaxAutoencoderKL, factor 4 (64 px -> 16x16x4), trained from
+scratch on the procedural portraits (ldu_jax/miniworld/train_vae.py).
+
+    get_config()          the real run (0.68M parameters, 2.7 MB of float32 weights)
+    get_config('test')    tiny widths and a handful of steps (tests)
+"""
+import ml_collections
+
+
+def get_config(arg: str = ""):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 16                # global batch, sharded over the devices
+    c.max_steps = 6000
+    c.log_every = 50
+    c.save_every = 500
+    c.keep = 2
+    c.scale_batches = 8              # batches whose latent std sets scaling_factor (1 / std)
+    c.model = ml_collections.ConfigDict(dict(
+        sample_size=64,
+        block_out_channels=(16, 32, 64),   # len - 1 downsamplings: factor 4
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    ))
+    c.loss = ml_collections.ConfigDict(dict(
+        rec="l1",                    # 'l1' or 'l2' (mean over pixels)
+        kl_weight=1e-5,              # x KL(q(z|x) || N(0, I)), mean over latent elements
+        edge_weight=0.5,             # x L1 of the finite-difference image gradients
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
+        schedule="cosine", warmup=200, grad_clip=1.0,
+    ))
+    if arg == "test":
+        c.batch_size = 8
+        c.max_steps = 30
+        c.log_every = 5
+        c.save_every = 15
+        c.scale_batches = 2
+        c.model.block_out_channels = (8, 16, 16)
+        c.model.norm_num_groups = 4
+        c.optim.lr = 3e-3
+        c.optim.warmup = 0
+    elif arg:
+        raise ValueError(f"unknown miniworld_vae config variant {arg!r} (use '' or 'test')")
+    return c

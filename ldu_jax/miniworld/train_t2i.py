@@ -1,0 +1,275 @@
+"""Train a small text-to-image latent diffusion model from scratch (the mini-world's "Stable Diffusion").
+
+A CLIP text encoder (transformers ``FlaxCLIPTextModel``, a few layers) and a text-conditioned
+diffusers ``FlaxUNet2DConditionModel`` (cross-attention) are trained jointly on the latents of a
+trained, frozen VAE (``train_vae.py``) with Stable Diffusion's noise-prediction loss
+(``ldu_jax.personalize.common.latent_loss``: epsilon target, SD's scaled-linear DDPM schedule,
+VAE posterior samples). Captions are replaced by the empty prompt with probability
+``cfg_dropout`` (classifier-free guidance). The tokenizer is a CLIP BPE tokenizer learned over the
+caption vocabulary (plus the personalization prompts' words), as ``ldu_jax/sd/make_tiny_tokenizer.py``
+builds the tiny one, so every caption word is a single token.
+
+The result is a diffusers-layout folder ``<workdir>/sd/`` (vae, unet, text_encoder, tokenizer,
+scheduler; EMA weights) written with ``ldu_jax.sd.models.save_sd``: ``load_sd('<workdir>/sd')``
+reads it, ``ldu_jax.personalize.common.generate`` samples from it, and the attacks run on it
+(``python -m ldu_jax.attack ti --config.model=<workdir>/sd ...``).
+
+    from ldu_jax.miniworld.train_t2i import train_t2i
+    sd, params = train_t2i(config, workdir, batches, vae_dir)   # config: configs/miniworld_t2i.py
+
+``batches``: an iterator of ``(images [B, R, R, 3] in [-1, 1], captions list[str])``, or a
+callable ``start_step -> such an iterator`` (a resumed run then continues the stream). A rerun
+resumes from the newest orbax checkpoint and reuses the tokenizer saved in ``<workdir>/tokenizer``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import regex
+
+from ldu_jax import checkpoint as ckpt
+from ldu_jax import data as data_lib
+from ldu_jax import loop, parallel
+from ldu_jax.miniworld.train_vae import data_stream
+from ldu_jax.personalize import common
+from ldu_jax.sd import make_tiny_tokenizer as mtt
+from ldu_jax.sd import models as sdm
+from ldu_jax.sd import schedule as sch
+from ldu_jax.sd import vae as vae_lib
+from ldu_jax.shortcut.trainer import TrainState, make_optimizer
+
+# The prompts the attacks and evaluations use: their words must be tokens too.
+ATTACK_PROMPTS = ("a photo of sks person", "a dslr portrait of sks person", "a photo of person")
+
+_WORD = regex.compile(r"[\p{L}]+")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def caption_words(texts) -> list[str]:
+    """The distinct words of ``texts`` (lower-cased letter runs, as CLIP's pre-tokenizer splits
+    them; digits and punctuation are single byte-level tokens already), in first-seen order."""
+    return list(dict.fromkeys(w for t in texts for w in _WORD.findall(t.lower())))
+
+
+def build_tokenizer(texts, out_dir: str, max_length: int, base_words=True):
+    """A CLIP BPE tokenizer (HF format, saved to ``out_dir``) in which every word of ``texts``,
+    of ``ATTACK_PROMPTS`` and (with ``base_words``) of the tiny tokenizer's prompt list is one token.
+
+    The vocabulary is built as ``make_tiny_tokenizer`` does: CLIP's 256 byte-level characters, each
+    also with '</w>', then greedy BPE merges learned on the word list (deterministic)."""
+    from transformers import CLIPTokenizer
+    words = caption_words(list(texts) + list(ATTACK_PROMPTS) + (list(mtt.WORDS) if base_words else []))
+    merges = mtt.learn_merges(words)
+    alphabet = mtt._byte_alphabet()
+    tokens = alphabet + [c + mtt.EOW for c in alphabet] + [a + b for a, b in merges] + list(mtt.SPECIAL)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False, indent=0)
+    with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.writelines(f"{a} {b}\n" for a, b in merges)
+    tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                        model_max_length=int(max_length))
+    bad = [w for w in words if len(tok.tokenize(w)) != 1]
+    if bad:
+        raise RuntimeError(f"tokenizer: {len(bad)} words are not single tokens, e.g. {bad[:5]}")
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return load_tokenizer(out_dir, max_length)
+
+
+def load_tokenizer(path: str, max_length: int):
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(path)
+    tok.model_max_length = int(max_length)
+    return tok
+
+
+# ----------------------------------------------------------------------------- models
+
+def unet_config(unet_cfg, sample_size: int, cross_attention_dim: int) -> dict:
+    return dict(sample_size=int(sample_size), in_channels=int(unet_cfg.latent_channels),
+                out_channels=int(unet_cfg.latent_channels),
+                block_out_channels=tuple(int(c) for c in unet_cfg.block_out_channels),
+                layers_per_block=int(unet_cfg.layers_per_block),
+                down_block_types=tuple(unet_cfg.down_block_types), up_block_types=tuple(unet_cfg.up_block_types),
+                attention_head_dim=int(unet_cfg.num_heads),  # diffusers' Flax UNet: the number of heads
+                cross_attention_dim=int(cross_attention_dim))
+
+
+def text_config(text_cfg, tok):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, hidden_size=int(text_cfg.hidden_size),
+                          intermediate_size=int(text_cfg.intermediate_size),
+                          num_hidden_layers=int(text_cfg.num_layers), num_attention_heads=int(text_cfg.num_heads),
+                          max_position_embeddings=int(text_cfg.max_length))
+
+
+def make_sd(config, vae: vae_lib.VAE, tok) -> sdm.SD:
+    """The SD bundle (modules only) of ``config.model`` on a trained VAE."""
+    vae_lib.quiet_diffusers()
+    from diffusers import FlaxUNet2DConditionModel
+    from transformers import FlaxCLIPTextModel
+    resolution = int(config.resolution)
+    if resolution % vae.factor:
+        raise ValueError(f"config.resolution={resolution} is not divisible by the VAE factor {vae.factor}")
+    if int(config.model.unet.latent_channels) != vae.latent_channels:
+        raise ValueError(f"config.model.unet.latent_channels={config.model.unet.latent_channels} but the VAE "
+                         f"has {vae.latent_channels} latent channels")
+    te = FlaxCLIPTextModel(text_config(config.model.text, tok), _do_init=False)
+    unet = FlaxUNet2DConditionModel.from_config(
+        unet_config(config.model.unet, resolution // vae.factor, config.model.text.hidden_size))
+    return sdm.SD(vae.module, unet, te, tok, dict(sdm.SCHEDULER_DEFAULTS), resolution)
+
+
+def init_params(sd: sdm.SD, key) -> dict:
+    k_unet, k_te = jax.random.split(key)
+    return {"unet": sdm._plain(sd.unet.init_weights(k_unet)),
+            "text_encoder": sdm._plain(sd.text_encoder.init_weights(k_te, (1, sd.tokenizer.model_max_length)))}
+
+
+# ----------------------------------------------------------------------------- step
+
+def make_t2i_step(sd: sdm.SD, tx, schedule, config):
+    """``step(state, vae_params, images, input_ids) -> (state, info)``, pure and jit-able.
+
+    ``state.params = {'unet', 'text_encoder'}``; the VAE is frozen. Keys are
+    ``fold_in(PRNGKey(seed), step)``, so a resumed run draws what an unbroken one would."""
+    sched = sch.make_schedule(sd.scheduler)
+    uncond = jnp.asarray(sdm.tokenize(sd, [""])[0])
+    p_drop, ema, seed = float(config.cfg_dropout), float(config.ema), int(config.seed)
+    vae = vae_lib.VAE(sd.vae, None)
+
+    def step(state: TrainState, vae_params, images, input_ids):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+        k_drop, k_lat, k_noise, k_t = jax.random.split(key, 4)
+        drop = jax.random.bernoulli(k_drop, p_drop, (input_ids.shape[0],))
+        ids = jnp.where(drop[:, None], uncond[None], input_ids)
+        z = jax.lax.stop_gradient(vae_lib.encode(vae, vae_params, images, k_lat))
+
+        def loss_fn(params):
+            return jnp.mean(common.latent_loss(sd, sched, params, z, ids, k_noise, k_t))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = jnp.minimum(ema, (1.0 + state.step) / (10.0 + state.step))  # EMA warm-up, as diffusers'
+        params_ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.params_ema, params)
+        info = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+                "latent_std": jnp.std(z), "dropped": jnp.mean(drop.astype(jnp.float32))}
+        return TrainState(state.step + 1, params, params_ema, opt_state), info
+
+    return step
+
+
+# ----------------------------------------------------------------------------- run
+
+def _vocabulary(config, batches, vocabulary, log):
+    """(caption texts for the tokenizer, the batches to train on)."""
+    if vocabulary is not None:
+        return list(vocabulary), batches
+    n = int(config.vocab_batches)
+    if callable(batches):
+        texts = [c for _, caps in itertools.islice(data_stream(batches, 0), n) for c in caps]
+        return texts, batches
+    it = iter(batches)
+    head = list(itertools.islice(it, n))
+    log(f"t2i: tokenizer vocabulary from the captions of the first {len(head)} batches")
+    return [c for _, caps in head for c in caps], itertools.chain(head, it)
+
+
+def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary=None):
+    """Train (or resume) the text encoder + UNet of ``config`` in ``workdir`` on the VAE in
+    ``vae_dir``; writes ``<workdir>/sd`` and returns its ``(SD, params)`` (EMA weights).
+
+    ``vocabulary``: texts (captions or words) whose words the tokenizer must hold; None reads the
+    captions of the first ``config.vocab_batches`` batches."""
+    os.makedirs(workdir, exist_ok=True)
+    vae = vae_lib.load_vae(vae_dir)
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+        tok = load_tokenizer(tok_dir, config.model.text.max_length)
+    else:
+        texts, batches = _vocabulary(config, batches, vocabulary, log)
+        tok = build_tokenizer(texts, tok_dir, config.model.text.max_length, config.base_words)
+    sd = make_sd(config, vae, tok)
+    r = sd.resolution
+
+    mesh = parallel.batch_mesh(config.batch_size)
+    rep, dsh = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    tx, schedule = make_optimizer(config.optim, config.max_steps)
+
+    def init_fn(key):
+        params = init_params(sd, key)
+        return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
+
+    key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init_fn, key)
+    shardings = jax.tree_util.tree_map(lambda _: rep, abstract)
+    meta = {"kind": "t2i", "model": config.model.to_dict(), "param_shapes": ckpt.param_shapes(abstract.params),
+            "vocab_size": len(tok), "resolution": r}
+    manager = ckpt.make_manager(workdir, config.keep)
+    state = loop.init_or_restore(init_fn, key, shardings, manager, meta, workdir, log)
+    start = int(state.step)
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    log(f"t2i: unet {count(abstract.params['unet']) / 1e6:.2f}M, text encoder "
+        f"{count(abstract.params['text_encoder']) / 1e6:.2f}M parameters, {len(tok)} tokens, {r} px -> "
+        f"{r // vae.factor}x{r // vae.factor}x{vae.latent_channels} latents; steps {start} -> {config.max_steps}")
+
+    step_fn = make_t2i_step(sd, tx, schedule, config)
+    update = jax.jit(step_fn, in_shardings=(shardings, rep, dsh, dsh), out_shardings=(shardings, rep),
+                     donate_argnums=(0,))
+    vae_params = jax.device_put(vae.params, rep)
+
+    def device_batches():
+        for images, captions in data_stream(batches, start):
+            images = np.asarray(images, np.float32)
+            if images.shape != (config.batch_size, r, r, 3) or len(captions) != config.batch_size:
+                raise ValueError(f"batch of {images.shape} images and {len(captions)} captions, expected "
+                                 f"{(config.batch_size, r, r, 3)} and {config.batch_size}")
+            yield (vae_params, parallel.global_batch(mesh, images),
+                   parallel.global_batch(mesh, sdm.tokenize(sd, list(captions))))
+
+    if start < config.max_steps:
+        state = loop.train_loop(state, update, device_batches(), manager=manager, meta=meta, workdir=workdir,
+                                max_steps=config.max_steps, log_every=config.log_every,
+                                save_every=config.save_every, batch_size=config.batch_size, desc="t2i")
+
+    final = jax.device_get(state.params_ema if config.ema > 0 else state.params)
+    params = {"vae": jax.device_get(vae.params), **final}
+    out = os.path.join(workdir, "sd")
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    sdm.save_sd(sd, params, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log(f"t2i: wrote {out}")
+    if config.num_samples and config.sample_prompts and jax.process_index() == 0:
+        write_samples(sd, params, config, os.path.join(workdir, "samples", f"step_{int(state.step)}.png"))
+    return sd, params
+
+
+def write_samples(sd, params, config, path: str):
+    """A grid: one row of ``num_samples`` DDIM + CFG samples per prompt of ``config.sample_prompts``."""
+    out = common.generate(sd, params, list(config.sample_prompts), n_per_prompt=int(config.num_samples),
+                          steps=int(config.sample_steps), guidance=float(config.guidance), seed=int(config.seed))
+    rows = np.concatenate([out[p] for p in config.sample_prompts])
+    data_lib.save_image_atomic(path, data_lib.make_grid(rows, ncol=int(config.num_samples)))
+    return path
+
+
+__all__ = ["ATTACK_PROMPTS", "build_tokenizer", "caption_words", "init_params", "load_tokenizer", "make_sd",
+           "make_t2i_step", "train_t2i", "write_samples"]

@@ -1,0 +1,201 @@
+"""Train a small diffusers ``FlaxAutoencoderKL`` from scratch (the mini-world's VAE).
+
+Loss per image: L1 (or L2) reconstruction of a posterior sample's decode, plus ``kl_weight`` x the
+KL divergence to N(0, I) (both means over elements), plus ``edge_weight`` x the L1 error of the
+horizontal and vertical finite differences (a cheap sharpness proxy; no downloaded networks).
+
+After training, ``scaling_factor`` = 1 / std of posterior-sampled latents over ``scale_batches``
+batches is written into the VAE config (as Stable Diffusion's 0.18215), so scaled latents have
+about unit standard deviation, and the VAE goes to ``<workdir>/vae/`` in diffusers format
+(``ldu_jax.sd.vae.load_vae`` reads it).
+
+    from ldu_jax.miniworld.train_vae import train_vae
+    vae = train_vae(config, workdir, batches)   # config: configs/miniworld_vae.py
+
+``batches``: an iterator of ``(images [B, H, W, 3] in [-1, 1], captions)`` with B the config's
+``batch_size`` (captions are ignored here), or a callable ``start_step -> such an iterator`` (so a
+resumed run continues the data stream where it stopped). The run resumes from the newest orbax
+checkpoint in ``workdir`` and logs ``metrics.jsonl`` (loss, rec, kl, edge, psnr, grad_norm, lr).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ldu_jax import checkpoint as ckpt
+from ldu_jax import loop, parallel
+from ldu_jax.sd import vae as vae_lib
+from ldu_jax.shortcut.trainer import make_optimizer
+
+
+@flax.struct.dataclass
+class VAEState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def vae_config(model_cfg) -> dict:
+    """The diffusers ``FlaxAutoencoderKL`` config of ``config.model`` (factor 2^(blocks - 1))."""
+    n = len(model_cfg.block_out_channels)
+    return dict(in_channels=3, out_channels=3, latent_channels=int(model_cfg.latent_channels),
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                block_out_channels=tuple(int(c) for c in model_cfg.block_out_channels),
+                layers_per_block=int(model_cfg.layers_per_block), norm_num_groups=int(model_cfg.norm_num_groups),
+                sample_size=int(model_cfg.sample_size), scaling_factor=1.0)
+
+
+def make_vae_module(model_cfg, **overrides):
+    vae_lib.quiet_diffusers()
+    from diffusers import FlaxAutoencoderKL
+    return FlaxAutoencoderKL.from_config({**vae_config(model_cfg), **overrides})
+
+
+def psnr(x, y):
+    """PSNR (dB) of images in [-1, 1], per example."""
+    mse = jnp.mean(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)), axis=(1, 2, 3))
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+def _edges(x):
+    return x[:, 1:, :, :] - x[:, :-1, :, :], x[:, :, 1:, :] - x[:, :, :-1, :]
+
+
+def vae_losses(module, params, images, key, loss_cfg):
+    """(loss, info) of one batch: reconstruction of a posterior sample, KL, edge loss."""
+    dist = module.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)), method=module.encode).latent_dist
+    z = dist.sample(key)                                     # NHWC (diffusers' Flax posterior is NHWC)
+    rec = jnp.transpose(module.apply({"params": params}, z, method=module.decode).sample, (0, 2, 3, 1))
+    err = rec - images
+    rec_loss = jnp.mean(jnp.abs(err)) if loss_cfg.rec == "l1" else jnp.mean(jnp.square(err))
+    kl = 0.5 * jnp.mean(jnp.square(dist.mean) + dist.var - 1.0 - dist.logvar)
+    loss = rec_loss + loss_cfg.kl_weight * kl
+    info = {"rec": rec_loss, "kl": kl, "psnr": jnp.mean(psnr(rec, images)), "latent_std": jnp.std(z)}
+    if loss_cfg.edge_weight:
+        (ry, rx), (iy, ix) = _edges(rec), _edges(images)
+        edge = 0.5 * (jnp.mean(jnp.abs(ry - iy)) + jnp.mean(jnp.abs(rx - ix)))
+        loss = loss + loss_cfg.edge_weight * edge
+        info["edge"] = edge
+    return loss, info
+
+
+def make_vae_step(module, tx, schedule, loss_cfg, seed: int):
+    """``step(state, images) -> (state, info)``, pure; keys are ``fold_in(PRNGKey(seed), step)``."""
+    if loss_cfg.rec not in ("l1", "l2"):
+        raise ValueError(f"config.loss.rec must be 'l1' or 'l2', got {loss_cfg.rec!r}")
+
+    def step(state: VAEState, images):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+        (loss, info), grads = jax.value_and_grad(
+            lambda p: vae_losses(module, p, images, key, loss_cfg), has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        info = {"loss": loss, **info, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        return VAEState(state.step + 1, params, opt_state), info
+
+    return step
+
+
+def data_stream(batches, start_step: int):
+    """An iterator from ``batches`` (an iterator, or a callable taking the start step)."""
+    return iter(batches(start_step)) if callable(batches) else iter(batches)
+
+
+def latent_stats(module, params, image_batches, seed: int, mesh=None) -> tuple[float, float]:
+    """(std of posterior-sampled unscaled latents, mean reconstruction PSNR through the posterior
+    mean) over the given image batches, one jitted pass per batch."""
+    def one(p, x, key):
+        dist = module.apply({"params": p}, jnp.transpose(x, (0, 3, 1, 2)), method=module.encode).latent_dist
+        rec = jnp.transpose(module.apply({"params": p}, dist.mean, method=module.decode).sample, (0, 2, 3, 1))
+        z = dist.sample(key)
+        return jnp.mean(z), jnp.mean(jnp.square(z)), jnp.mean(psnr(rec, x))
+
+    f = jax.jit(one)
+    stats = []
+    for i, x in enumerate(image_batches):
+        x = parallel.global_batch(mesh, x) if mesh is not None else jnp.asarray(x)
+        stats.append(jax.device_get(f(params, x, jax.random.fold_in(jax.random.PRNGKey(seed), i))))
+    m, m2, p = np.mean(np.asarray(stats, np.float64), axis=0)   # equal-sized batches
+    return float(np.sqrt(max(m2 - m * m, 1e-12))), float(p)
+
+
+def write_vae(module, params, scaling_factor: float, path: str):
+    """Save the VAE in diffusers format with ``scaling_factor`` in its config (atomically)."""
+    out = make_vae_module_from(module, scaling_factor=float(scaling_factor))
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae_lib.save_vae(vae_lib.VAE(out, jax.device_get(params)), tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return vae_lib.VAE(out, params)
+
+
+def make_vae_module_from(module, **overrides):
+    from diffusers import FlaxAutoencoderKL
+    cfg = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    return FlaxAutoencoderKL.from_config({**cfg, **overrides}, dtype=module.dtype)
+
+
+def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
+    """Train (or resume) the VAE of ``config`` in ``workdir``; writes and returns ``<workdir>/vae``."""
+    os.makedirs(workdir, exist_ok=True)
+    module = make_vae_module(config.model)
+    size = int(config.model.sample_size)
+    mesh = parallel.batch_mesh(config.batch_size)
+    rep, dsh = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    tx, schedule = make_optimizer(config.optim, config.max_steps)
+
+    def init_fn(key):
+        params = module.init_weights(key)
+        return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init_fn, key)
+    shardings = jax.tree_util.tree_map(lambda _: rep, abstract)
+    meta = {"kind": "vae", "model": config.model.to_dict(), "param_shapes": ckpt.param_shapes(abstract.params),
+            "data_shape": [size, size, 3]}
+    manager = ckpt.make_manager(workdir, config.keep)
+    state = loop.init_or_restore(init_fn, key, shardings, manager, meta, workdir, log)
+    start = int(state.step)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
+    log(f"vae: {n_params / 1e6:.2f}M parameters, {size} px -> {size // 2 ** (len(config.model.block_out_channels) - 1)}"
+        f" px x {config.model.latent_channels} latents, steps {start} -> {config.max_steps}")
+
+    step_fn = make_vae_step(module, tx, schedule, config.loss, config.seed)
+    update = jax.jit(step_fn, in_shardings=(shardings, dsh), out_shardings=(shardings, rep), donate_argnums=(0,))
+    stream = data_stream(batches, start)
+
+    def images_only(it):
+        for images, _ in it:
+            images = np.asarray(images, np.float32)
+            if images.shape != (config.batch_size, size, size, 3):
+                raise ValueError(f"batch of shape {images.shape}, expected {(config.batch_size, size, size, 3)}")
+            yield images
+
+    def device_batches():
+        for images in images_only(stream):
+            yield (parallel.global_batch(mesh, images),)
+
+    if start < config.max_steps:
+        state = loop.train_loop(state, update, device_batches(), manager=manager, meta=meta, workdir=workdir,
+                                max_steps=config.max_steps, log_every=config.log_every,
+                                save_every=config.save_every, batch_size=config.batch_size, desc="vae")
+
+    # scaling factor on fresh batches of the same stream (a resumed-and-finished run draws from step max_steps)
+    held = data_stream(batches, config.max_steps) if callable(batches) else stream
+    imgs = [x for _, x in zip(range(config.scale_batches), images_only(held))]
+    std, p = latent_stats(module, state.params, imgs, config.seed + 1, mesh)
+    vae = write_vae(module, state.params, 1.0 / std, os.path.join(workdir, "vae"))
+    log(f"vae: latent std {std:.4f} -> scaling_factor {1.0 / std:.4f}; reconstruction PSNR {p:.2f} dB "
+        f"(posterior mean, {len(imgs)} batches); wrote {os.path.join(workdir, 'vae')}")
+    if jax.process_index() == 0:
+        loop.append_jsonl(os.path.join(workdir, "metrics.jsonl"),
+                          {"step": int(state.step), "scaling_factor": 1.0 / std, "eval_psnr": p})
+    return vae

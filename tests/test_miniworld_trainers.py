@@ -1,0 +1,142 @@
+"""The mini-world trainers (VAE, text-to-image LDM): the loss falls on a short run, the results load
+through the normal loading code and give finite outputs, a rerun resumes from its checkpoint."""
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import miniworld_t2i, miniworld_vae
+from ldu_jax.data import procedural_portrait
+from ldu_jax.miniworld.train_t2i import ATTACK_PROMPTS, caption_words, train_t2i
+from ldu_jax.miniworld.train_vae import train_vae
+from ldu_jax.personalize import common
+from ldu_jax.sd import models as sdm
+from ldu_jax.sd import vae as vae_lib
+
+COLOURS = ("red", "blue", "green", "brown")
+STEPS = 12
+
+
+def _dataset(n=16):
+    images = np.stack([procedural_portrait(i % 4, i, 64, 64) for i in range(n)])
+    captions = [f"a photo of a person with {COLOURS[i % 4]} hair" for i in range(n)]
+    return images, captions
+
+
+DATA = _dataset()
+
+
+def batches(batch_size):
+    """A callable start_step -> iterator of (images, captions) cycling over the fixed dataset."""
+    images, captions = DATA
+    n = len(images) // batch_size
+
+    def stream(start):
+        for k in itertools.count(start):
+            i = (k % n) * batch_size
+            yield images[i:i + batch_size], captions[i:i + batch_size]
+    return stream
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _falls(records):
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) >= 3, losses
+    assert np.isfinite(losses).all(), losses
+    assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("mw_vae"))
+    c = miniworld_vae.get_config("test")
+    c.max_steps, c.log_every, c.save_every = STEPS, 4, STEPS
+    logs = []
+    vae = train_vae(c, workdir, batches(c.batch_size), log=logs.append)
+    return c, workdir, vae, logs
+
+
+@pytest.fixture(scope="module")
+def t2i_run(vae_run, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("mw_t2i"))
+    c = miniworld_t2i.get_config("test")
+    c.max_steps, c.log_every, c.save_every = STEPS, 4, STEPS
+    sd, params = train_t2i(c, workdir, batches(c.batch_size), os.path.join(vae_run[1], "vae"), log=lambda s: None)
+    return c, workdir, sd, params
+
+
+def test_vae_loss_falls(vae_run):
+    _falls([r for r in _metrics(vae_run[1]) if r["step"] <= STEPS])
+
+
+def test_vae_loads_with_unit_scaled_latents(vae_run):
+    workdir = vae_run[1]
+    vae = vae_lib.load_vae(os.path.join(workdir, "vae"))
+    final = _metrics(workdir)[-1]
+    assert vae.factor == 4 and vae.latent_channels == 4
+    assert vae.scaling_factor == pytest.approx(final["scaling_factor"], rel=1e-5)
+    x = jnp.asarray(DATA[0][:8])
+
+    @jax.jit
+    def round_trip(p, x):
+        z = vae_lib.encode(vae, p, x, jax.random.PRNGKey(0))
+        return z, vae_lib.decode(vae, p, z)
+
+    z, y = round_trip(vae.params, x)
+    assert z.shape == (8, 16, 16, 4)
+    assert 0.6 < float(jnp.std(z)) < 1.6          # scaled latents have about unit std
+    assert y.shape == x.shape and bool(jnp.isfinite(y).all())
+    assert np.isfinite(final["eval_psnr"])
+
+
+def test_vae_rerun_resumes(vae_run):
+    c, workdir, _, _ = vae_run
+    c = c.copy_and_resolve_references()
+    c.max_steps = STEPS + 2
+    logs = []
+    train_vae(c, workdir, batches(c.batch_size), log=logs.append)
+    assert any(f"from step {STEPS}" in s for s in logs), logs
+    steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS + 2
+
+
+def test_t2i_loss_falls(t2i_run):
+    _falls(_metrics(t2i_run[1]))
+
+
+def test_t2i_bundle_loads_and_samples(t2i_run):
+    c, workdir, _, trained = t2i_run
+    sd, params = sdm.load_sd(os.path.join(workdir, "sd"))
+    assert sd.resolution == 64 and sd.tokenizer.model_max_length == c.model.text.max_length
+    for part in ("unet", "text_encoder"):
+        for a, b in zip(jax.tree_util.tree_leaves(params[part]), jax.tree_util.tree_leaves(trained[part])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # every caption and attack-prompt word is one token
+    for w in caption_words(DATA[1] + list(ATTACK_PROMPTS)):
+        assert len(sd.tokenizer.tokenize(w)) == 1, w
+    ids = sdm.tokenize(sd, ["a photo of sks person", ""])
+
+    @jax.jit
+    def forward(p, ids):
+        emb = sdm.text_embed(sd, p["text_encoder"], ids)
+        return emb, sdm.unet_apply(sd, p["unet"], jnp.ones((2, 16, 16, 4)), jnp.array([10, 500]), emb)
+
+    emb, eps = forward(params, ids)
+    assert emb.shape == (2, c.model.text.max_length, c.model.text.hidden_size)
+    assert eps.shape == (2, 16, 16, 4) and bool(jnp.isfinite(eps).all())
+
+
+def test_t2i_bundle_generates(t2i_run):
+    sd, params = sdm.load_sd(os.path.join(t2i_run[1], "sd"))
+    out = common.generate(sd, params, ["a photo of a person with red hair"], n_per_prompt=1, steps=2,
+                          guidance=3.0, seed=0, batch=1)
+    img = out["a photo of a person with red hair"]
+    assert img.shape == (1, 64, 64, 3) and img.dtype == np.uint8 and img.std() > 0

@@ -1,0 +1,208 @@
+"""Tests for the mini-world: the portrait generator, its files, and the identity model's trainer."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldu_jax.miniworld import world
+
+
+# -------------------------------------------------------------------------------- generator
+
+def test_same_seed_same_person_pixels_and_caption():
+    a, b = world.make_identity(123), world.make_identity(123)
+    assert a == b
+    np.testing.assert_array_equal(world.render(a, 7), world.render(b, 7))
+    assert world.caption(a, 7) == world.caption(b, 7)
+    np.testing.assert_array_equal(world.random_backgrounds(3, seed=1), world.random_backgrounds(3, seed=1))
+
+
+def test_identities_and_variants_differ():
+    ids = world.train_identities(6)
+    assert len({(i.hair_style, i.hair_colour, i.accessory, i.eye_colour, i.skin) for i in ids}) == 6
+    imgs = [world.render(i, 0) for i in ids]
+    for j in range(1, 6):
+        assert np.abs(imgs[0] - imgs[j]).mean() > 0.05
+    assert np.abs(world.render(ids[0], 0) - world.render(ids[0], 1)).mean() > 0.01
+
+
+def test_image_shape_range_dtype():
+    ident = world.make_identity(0)
+    x = world.render(ident, 3)
+    assert x.shape == (64, 64, 3) and x.dtype == np.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+    u = world.render(ident, 3, dtype=np.uint8)
+    assert u.dtype == np.uint8 and u.shape == (64, 64, 3)
+    assert world.render(ident, 3, size=32).shape == (32, 32, 3)
+    neg = world.random_backgrounds(5, seed=0)
+    assert neg.shape == (5, 64, 64, 3) and neg.min() >= -1 and neg.max() <= 1
+    for kind in world.NONFACE_KINDS:
+        assert world.render_nonface(0, kind=kind).shape == (64, 64, 3)
+
+
+def test_train_and_heldout_seeds_disjoint():
+    for s_train in range(3):
+        for s_held in range(3):
+            a = {i.seed for i in world.train_identities(50, s_train)}
+            b = {i.seed for i in world.heldout_identities(50, s_held)}
+            assert not a & b
+
+
+def test_captions_name_only_present_attributes():
+    vocab = set(world.vocabulary())
+    for p in world.PROMPTS:
+        assert set(world.words(p)) <= vocab
+    mentioned = set()
+    for ident in world.train_identities(80, seed=3):
+        for v in range(3):
+            text = world.caption(ident, v)
+            w = world.words(text)
+            mentioned |= set(w)
+            assert set(w) <= vocab, text
+            assert w[:3] in (["a", "photo", "of"], ["a", "portrait", "of"], ["a", "dslr", "portrait"],
+                             ["a", "close-up", "photo"], ["a", "picture", "of"]), text
+            assert ("glasses" in w) <= (ident.accessory == "glasses"), text
+            assert ("sunglasses" in w) <= (ident.accessory == "sunglasses"), text
+            assert ("hat" in w) <= (ident.accessory == "hat"), text
+            assert ("earrings" in w) <= (ident.accessory == "earrings"), text
+            for mark in world.MARKS:
+                assert (mark in w) <= (mark in ident.marks), text
+            assert ("bald" in w) <= (ident.hair_style == "bald"), text
+            for style in ("short", "long", "curly", "bun"):
+                assert (style in w) <= (ident.hair_style == style), text
+            for k, word in enumerate(w[1:], 1):
+                if word == "hair" and w[k - 1] in world.HAIR_COLOURS:
+                    assert w[k - 1] == ident.hair_colour, text
+                if word == "eyes":
+                    assert w[k - 1] == ident.eye_colour and ident.accessory != "sunglasses", text
+            assert ("smiling" in w) <= (world.make_variant(ident, v).expression == "smile"), text
+    assert {"glasses", "hat", "beard", "hair", "eyes"} <= mentioned  # the captions do name things
+
+
+# -------------------------------------------------------------------------------- files
+
+def _listing(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_heldout_subjects_layout_resumable_atomic(tmp_path):
+    root = str(tmp_path / "subjects")
+    names = world.write_heldout_subjects(root, 2, seed=0)
+    assert names == ["subject_0", "subject_1"] and sorted(os.listdir(root)) == names
+    for name in names:
+        assert sorted(os.listdir(os.path.join(root, name))) == ["set_A", "set_B", "set_C", "subject.json"]
+        for s in world.SETS:
+            files = sorted(os.listdir(os.path.join(root, name, s)))
+            assert files == ["00.png", "01.png", "02.png", "03.png"]
+    assert not [f for f in _listing(root) if f.split("/")[-1].startswith(".")]  # no temp files left
+    ident = world.heldout_identities(2, 0)[1]
+    got = np.asarray(Image.open(os.path.join(root, "subject_1", "set_B", "02.png")))
+    np.testing.assert_array_equal(got, world.render(ident, 6, dtype=np.uint8))  # set_B = variants 4..7
+    meta = json.load(open(os.path.join(root, "subject_1", "subject.json")))
+    assert meta["identity"]["seed"] == ident.seed and meta["captions"]["set_B/02.png"] == world.caption(ident, 6)
+    # resumable: existing files are kept, missing ones are written again
+    kept = os.path.join(root, "subject_0", "set_A", "00.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(kept)
+    os.remove(os.path.join(root, "subject_0", "set_C", "03.png"))
+    before = _listing(root)
+    world.write_heldout_subjects(root, 2, seed=0)
+    assert _listing(root) == sorted(before + ["subject_0/set_C/03.png"])
+    assert np.asarray(Image.open(kept)).max() == 0
+
+
+def test_training_set_captions_labels_resume(tmp_path):
+    root = str(tmp_path / "train")
+    assert world.write_training_set(root, 3, 2, seed=0) == 6
+    rows = [json.loads(line) for line in open(os.path.join(root, "captions.jsonl"))]
+    assert [r["label"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    idents = world.train_identities(3, 0)
+    for r in rows:
+        assert os.path.isfile(os.path.join(root, r["file"]))
+        assert r["caption"] == world.caption(idents[r["label"]], r["variant"])
+        assert r["identity_seed"] == idents[r["label"]].seed
+    assert len(json.load(open(os.path.join(root, "identities.json")))) == 3
+    assert world.write_training_set(root, 3, 2, seed=0) == 0  # resumed: nothing to redo
+
+
+# -------------------------------------------------------------------------------- identity model
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from configs.miniworld_identity import get_config
+    from ldu_jax.miniworld import identity
+    c = get_config()
+    c.n_identities, c.batch_size, c.neg_batch = 4, 8, 8
+    c.max_steps, c.log_every, c.save_every, c.prefetch = 24, 6, 12, 1
+    c.model.widths, c.model.embed_dim, c.model.groups = (4, 8, 8, 8), 8, 4
+    c.optim.lr, c.optim.warmup = 1e-2, 2
+    workdir = str(tmp_path_factory.mktemp("mw_identity"))
+    state = identity.train(c, workdir, log=lambda *_: None)
+    return c, workdir, state
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_run):
+    from ldu_jax.miniworld import identity
+    return identity.load(tiny_run[1], batch_size=4)
+
+
+def test_identity_loss_falls(tiny_run):
+    c, workdir, state = tiny_run
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [6, 12, 18, 24] and int(state.step) == 24
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, rows
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_identity_resume_and_load_round_trip(tiny_run, tiny_model):
+    import jax
+    from ldu_jax.miniworld import identity
+    c, workdir, state = tiny_run
+    model = tiny_model
+    imgs = np.stack([world.render(i, 5, dtype=np.uint8) for i in world.heldout_identities(6, 0)])
+    e, p = model.run(imgs)
+    assert e.shape == (6, 8) and p.shape == (6,)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=-1), 1.0, atol=1e-5)
+    net = identity.make_net(c.model)
+    ref_e, ref_logit = net.apply({"params": jax.device_get(state.params["net"])}, imgs.astype(np.float32) / 127.5 - 1)
+    np.testing.assert_allclose(e, np.asarray(ref_e) / np.linalg.norm(ref_e, axis=-1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.asarray(ref_logit))), atol=1e-5)
+    # a larger image is centre-cropped and resized, a list works as well as an array
+    big = np.asarray(Image.fromarray(imgs[0]).resize((128, 128), Image.BICUBIC))
+    assert model.embed([big, imgs[1]]).shape == (2, 8)
+    # resume: a longer run continues from step 24
+    c2 = c.copy_and_resolve_references()
+    c2.max_steps = 26
+    logs = []
+    assert int(identity.train(c2, workdir, log=logs.append).step) == 26
+    assert any("resuming" in m and "24" in m for m in logs)
+
+
+def test_identity_face_metrics_semantics(tiny_model):
+    from ldu_jax.metrics import face
+    model = tiny_model
+    imgs = np.stack([world.render(i, v, dtype=np.uint8) for i in world.heldout_identities(3, 0) for v in range(2)])
+    model.threshold = 0.0  # everything is a face
+    m = model.face_metrics(imgs, imgs[:2])
+    assert m["fdfr"] == 0.0 and m["n"] == 6 and m["n_faces"] == 6 and -1 <= m["ism"] <= 1
+    e = model.embed(imgs).astype(np.float64)
+    centre = e[:2].mean(0) / np.linalg.norm(e[:2].mean(0))
+    assert m["ism"] == pytest.approx(float(np.mean(e @ centre)), abs=1e-5)
+    assert model.face_metrics(imgs[:1], imgs[:1])["ism"] == pytest.approx(1.0, abs=1e-5)
+    via_face = face.face_metrics(imgs, imgs[:2], model=model.as_face_model())
+    assert via_face["n_faces"] == 6 and via_face["ism"] == pytest.approx(m["ism"], abs=1e-5)
+    # split by detector score: references detected, images not -> ISM nan, FDFR 1
+    p = model.face_prob(imgs)
+    order = np.argsort(p)
+    assert p[order[-1]] > p[order[0]]
+    model.threshold = float((p[order[0]] + p[order[-1]]) / 2)
+    low, high = imgs[p <= model.threshold], imgs[p > model.threshold]
+    m = model.face_metrics(low, high)
+    assert m["fdfr"] == 1.0 and m["n_faces"] == 0 and math.isnan(m["ism"]) and m["n"] == len(low)
+    assert model.detect(high).all() and not model.detect(low).any()
+    with pytest.raises(ValueError, match="reference"):
+        model.face_metrics(high, low)
