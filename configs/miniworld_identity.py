@@ -7,7 +7,7 @@ Data are rendered on the fly by ``ldu_jax.miniworld.world`` (batch k is a functi
 import ml_collections
 
 
-def get_config():
+def get_config(arg: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.world_seed = 0            # which training identities (world.train_identities(n, world_seed))
@@ -35,4 +35,11 @@ def get_config():
         face_weight=1.0,            # weight of the face / no-face binary cross-entropy
     ))
     c.optim = ml_collections.ConfigDict(dict(lr=2e-3, warmup=100, weight_decay=1e-4, grad_clip=1.0))
+    if arg == "test":  # tiny widths, a handful of steps (tests, the build's test profile)
+        c.n_identities, c.batch_size, c.neg_batch = 8, 8, 8
+        c.max_steps, c.log_every, c.save_every, c.prefetch, c.eval_heldout = 4, 2, 4, 1, 2
+        c.model.widths, c.model.groups = (8, 16), 4
+        c.optim.warmup = 0
+    elif arg:
+        raise ValueError(f"unknown miniworld_identity config variant {arg!r} (use '' or 'test')")
     return c

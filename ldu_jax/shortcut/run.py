@@ -139,10 +139,11 @@ def generate(config, model, vae, params, data_shape, n: int, k: int, seed: int) 
         labels, cfg = jnp.arange(n, dtype=jnp.int32) % mc.num_classes, float(mc.cfg_scale)
     x = sampling.denoise(trainer.make_apply(model), params, noise, labels, steps=int(k), cfg_scale=cfg,
                          null_label=mc.num_classes)
-    if vae is not None:
+    x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if vae is not None:  # decoded where the VAE's params live (a loaded VAE's are committed to one device)
         from ldu_jax.sd import vae as vae_lib
-        x = vae_lib.decoder(vae.module)(vae.params, x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        x = np.asarray(vae_lib.decoder(vae.module)(vae.params, jnp.asarray(x)))
+    return x
 
 
 def load_fid_reference(config):

@@ -1,0 +1,132 @@
+"""Build the mini-world from nothing: data, then every model, each stage resumable.
+
+    python -m ldu_jax.miniworld.build --workdir=runs/miniworld [--profile=full|test] [--stages=...]
+
+Stages (in order; a finished stage is skipped, an interrupted one resumes from its checkpoints):
+
+    data      training images + captions (data/train), held-out subjects in the Anti-DreamBooth
+              layout (data/heldout/subject_<i>/set_A|set_B|set_C)
+    identity  the world's identity embedder + face detector (ISM / FDFR)      -> identity/
+    vae       the VAE (factor 4: 64 px -> 16x16x4)                             -> vae/vae/
+    t2i       CLIP text encoder + text-conditioned UNet, a diffusers bundle    -> t2i/sd/
+    shortcut  the shortcut DiT on the VAE's latents (train.py's trainer)       -> shortcut/
+
+``manifest.json`` records each stage's output and CPU time. The ``test`` profile shrinks every
+model and step count to check the whole chain in a minute or two.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from ldu_jax.miniworld import world
+
+STAGES = ("data", "identity", "vae", "t2i", "shortcut")
+
+
+def configs(profile: str = "full") -> dict:
+    """The stage configs of a profile ('full': the shipped models; 'test': tiny, seconds)."""
+    from configs import miniworld_identity, miniworld_shortcut, miniworld_t2i, miniworld_vae
+    if profile not in ("full", "test"):
+        raise ValueError(f"unknown profile {profile!r}; 'full' or 'test'")
+    arg = "" if profile == "full" else "test"
+    c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config(arg),
+         "identity": miniworld_identity.get_config(arg), "shortcut": miniworld_shortcut.get_config(arg)}
+    c["data"] = {"n_train": 512, "per_identity": 8, "n_heldout": 8} if profile == "full" else \
+        {"n_train": 8, "per_identity": 2, "n_heldout": 2}
+    return c
+
+
+def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64):
+    """``start_step -> iterator`` of (images [B, size, size, 3] in [-1, 1], captions): random training
+    identities and fresh variants, batch k a function of (seed, k) only (so a resumed run continues)."""
+    idents = world.train_identities(n_identities, 0)
+
+    def batches(start: int):
+        step = start
+        while True:
+            rng = np.random.default_rng([seed, step])
+            who = rng.integers(0, len(idents), batch_size)
+            var = rng.integers(0, 10 ** 6, batch_size)
+            yield (world.render_batch([idents[i] for i in who], var, size),
+                   [world.caption(idents[i], v) for i, v in zip(who, var)])
+            step += 1
+    return batches
+
+
+def _manifest(workdir: str) -> dict:
+    try:
+        with open(os.path.join(workdir, "manifest.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _record(workdir: str, stage: str, **info):
+    from ldu_jax.evaluate import _write_json
+    m = _manifest(workdir)
+    m[stage] = info
+    _write_json(os.path.join(workdir, "manifest.json"), m)
+
+
+def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict:
+    """Run the stages; returns the manifest {stage: {path, seconds, ...}}."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    os.makedirs(workdir, exist_ok=True)
+    cfg = configs(profile)
+    p = lambda *a: os.path.join(workdir, *a)  # noqa: E731
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        if _manifest(workdir).get(stage, {}).get("done"):
+            log(f"[{stage}] done already ({_manifest(workdir)[stage]['path']})")
+            continue
+        log(f"[{stage}] building ...")
+        t0, c = time.process_time(), cfg[stage]
+        if stage == "data":
+            d = cfg["data"]
+            world.write_training_set(p("data", "train"), d["n_train"], d["per_identity"], progress=True)
+            world.write_heldout_subjects(p("data", "heldout"), d["n_heldout"])
+            out = p("data")
+        elif stage == "identity":
+            from ldu_jax.miniworld import identity
+            identity.train(c, p("identity"), log=log)
+            out = p("identity")
+        elif stage == "vae":
+            from ldu_jax.miniworld.train_vae import train_vae
+            train_vae(c, p("vae"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed), log=log)
+            out = p("vae", "vae")
+        elif stage == "t2i":
+            from ldu_jax.miniworld.train_t2i import train_t2i
+            train_t2i(c, p("t2i"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed + 1),
+                      p("vae", "vae"), log=log, vocabulary=world.vocabulary())
+            out = p("t2i", "sd")
+        else:
+            from ldu_jax.shortcut import run as shortcut_run
+            c.dataset, c.vae = p("data", "train", "images"), p("vae", "vae")
+            shortcut_run.train(c, p("shortcut"), log=log)
+            out = p("shortcut")
+        _record(workdir, stage, done=True, path=out, cpu_seconds=round(time.process_time() - t0, 1), profile=profile)
+        log(f"[{stage}] done in {time.process_time() - t0:.0f} CPU s -> {out}")
+    return _manifest(workdir)
+
+
+def _main(argv):
+    from absl import flags
+    f = flags.FLAGS
+    build(f.workdir, f.profile, tuple(s for s in f.stages.split(",") if s))
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from ldu_jax import cli
+    flags.DEFINE_string("workdir", None, "where the world and its models are built", required=True)
+    flags.DEFINE_enum("profile", "full", ["full", "test"], "full: the shipped models; test: tiny, seconds")
+    flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated subset of " + ",".join(STAGES))
+    cli.run(_main, user_errors=(ValueError,))
