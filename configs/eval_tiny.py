@@ -27,7 +27,8 @@ def get_config():
     c.num_samples = 4              # generated images per validation prompt
     c.keep_attack_models = False   # delete each cell's fine-tuned model and checkpoints when it is measured
     # metrics
-    c.face_backend = "dlib"        # 'dlib' (offline, PyPI) or 'arcface' (deepface / insightface installed)
+    c.face_backend = "dlib"        # 'dlib' (offline, PyPI), 'arcface' (deepface / insightface installed),
+                                   # or 'miniworld:<identity work dir>' (the mini-world's identity model)
     c.fid_weights = ""             # pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth) or converted
     c.fid_batch = 8                # Inception batch (one compilation per image size)
     c.clip_iqa = ""                # CLIP weights for CLIP-IQA: a folder or hub id ('' = skipped)

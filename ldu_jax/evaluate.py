@@ -148,7 +148,13 @@ class Metrics:
 
     def face(self, images, reference):
         from ldu_jax.metrics import face
-        model = self._get("face", lambda: face.load_face_model(self.cfg.face_backend))
+        backend = self.cfg.face_backend
+        if backend.startswith("miniworld:"):  # the mini-world's identity model (a build's identity/ dir)
+            from ldu_jax.miniworld import identity
+            load = lambda: identity.load(backend.split(":", 1)[1]).as_face_model()  # noqa: E731
+        else:
+            load = lambda: face.load_face_model(backend)  # noqa: E731
+        model = self._get("face", load)
         try:
             m = face.face_metrics(images, reference, model=model)
         except ValueError as e:  # e.g. no face in the reference photos

@@ -24,6 +24,17 @@ def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path
     assert bool(jnp.isfinite(z).all())
     ident = identity.load(manifest["identity"]["path"], batch_size=4)
     assert ident.embed(json_free_images(w)).shape[0] == 2
+    # the evaluation's face metrics can use the world's identity model
+    from configs import eval_tiny
+    from ldu_jax import evaluate
+    cfg = eval_tiny.get_config()
+    cfg.face_backend = f"miniworld:{manifest['identity']['path']}"
+    images = json_free_images(w)
+    try:  # a 4-step detector may see no face at all: then the metric is skipped, saying so
+        m = evaluate.Metrics(cfg, log=logs.append).face(list(images), list(images))
+        assert set(m) == {"fdfr", "ism"} and 0 <= m["fdfr"] <= 1
+    except evaluate.Skip as e:
+        assert "no face detected" in str(e)
     again = []
     build.build(w, "test", log=again.append)
     assert all("done already" in line for line in again)  # every stage skipped on a rerun

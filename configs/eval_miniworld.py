@@ -1,0 +1,32 @@
+"""The mini-world evaluation: held-out identities x methods x settings x attacks, measured with the
+world's identity model (ISM, FDFR) and PSNR / SSIM, on the models ldu_jax.miniworld.build made:
+
+    python -m ldu_jax.miniworld.build --workdir=runs/miniworld
+    python -m ldu_jax.evaluate --config=configs/eval_miniworld.py --workdir=runs/eval_miniworld
+"""
+from configs import eval_tiny
+
+W = "runs/miniworld"
+
+
+def get_config():
+    c = eval_tiny.get_config()
+    c.data = f"{W}/data/heldout"
+    c.reference_sets = ("set_A", "set_C")
+    c.sd = f"{W}/t2i/sd"
+    c.shortcut = f"{W}/shortcut"
+    c.rho_checkpoint = ""          # '' trains ρ (configs/ldu_miniworld.py) into <workdir>/rho
+    c.rho_dataset = f"{W}/data/train/images"
+    c.methods = ("none", "ldu", "ldu-opt", "advdm", "aspl", "photoguard", "mist", "sds", "pid")
+    c.method_configs = {**c.method_configs, "ldu": "configs/ldu_miniworld.py", "ldu-opt": "configs/ldu_miniworld.py"}
+    pgd = {"eps": 8 / 255, "step_size": 1 / 255, "steps": 50}   # L-inf 8/255: PSNR >= 36 dB, like LDU's budget
+    c.method_overrides = {"ldu": {}, "ldu-opt": {},
+                          **{m: dict(pgd) for m in ("advdm", "photoguard", "mist", "sds", "sds-", "pid", "fsmg")},
+                          "aspl": {**pgd, "steps": 6, "rounds": 10}}
+    c.settings = ("none", "jpeg:quality=75", "blur:sigma=1.0", "diffpure:strength=0.1,steps=10")
+    c.attacks = ("ti", "dreambooth")
+    c.attack_configs = {"ti": "configs/attack_ti_miniworld.py", "dreambooth": "configs/attack_db_miniworld.py"}
+    c.attack_overrides = {}
+    c.num_samples = 8
+    c.face_backend = f"miniworld:{W}/identity"
+    return c
