@@ -22,6 +22,14 @@ def append_jsonl(path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+@jax.jit
+def _accumulate(good, sums, info):
+    """(all losses finite so far, running sums of ``info``): one dispatch per step instead of an
+    eager op per metric on the device-sharded outputs."""
+    sums = info if sums is None else jax.tree_util.tree_map(jnp.add, sums, info)
+    return jnp.logical_and(good, jnp.isfinite(info["loss"])), sums
+
+
 def train_loop(state, update: Callable, batches: Iterator[tuple], *, manager, meta: dict, workdir: str,
                max_steps: int, log_every: int, save_every: int, batch_size: int, desc: str = "train",
                after_step: Callable[[int, object], None] | None = None):
@@ -49,8 +57,7 @@ def train_loop(state, update: Callable, batches: Iterator[tuple], *, manager, me
     try:
         for step in bar:
             state, info = update(state, *next(batches))
-            good = jnp.logical_and(good, jnp.isfinite(info["loss"]))
-            sums = info if sums is None else jax.tree_util.tree_map(jnp.add, sums, info)
+            good, sums = _accumulate(good, sums, info)
             count += 1
             done = step + 1
             if done % log_every == 0 or done == max_steps:
