@@ -24,31 +24,9 @@ import os
 
 import numpy as np
 
+from ldu_jax.metrics.image import as_images
+
 DLIB_INSTALL = 'pip install dlib-bin face-recognition-models'
-
-
-def as_images(images, what: str = 'images') -> list[np.ndarray]:
-    """A list of contiguous uint8 HxWx3 arrays from a list of images or an NxHxWxC array."""
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4:
-            raise ValueError(f'{what}: expected a list of images or an NxHxWxC array, got an array of shape '
-                             f'{images.shape} (wrap a single image in a list)')
-        images = list(images)
-    out = []
-    for i, img in enumerate(images):
-        img = np.asarray(img)
-        if img.dtype != np.uint8:
-            raise ValueError(f'{what}[{i}]: expected uint8 pixels, got {img.dtype}')
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=-1)
-        elif img.ndim == 3 and img.shape[-1] == 4:
-            img = img[..., :3]
-        elif img.ndim == 3 and img.shape[-1] == 1:
-            img = np.repeat(img, 3, axis=-1)
-        if img.ndim != 3 or img.shape[-1] != 3:
-            raise ValueError(f'{what}[{i}]: expected an HxWx3 image, got shape {img.shape}')
-        out.append(np.ascontiguousarray(img))
-    return out
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

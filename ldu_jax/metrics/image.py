@@ -77,3 +77,27 @@ def ssim(a, b, data_range: float = 1.0, sigma: float = 1.5, k1: float = 0.01, k2
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     smap = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return smap.mean(axis=(-3, -2)).mean(axis=-1)  # per channel, then over channels
+
+
+def as_images(images, what: str = 'images') -> list[np.ndarray]:
+    """A list of contiguous uint8 HxWx3 arrays from a list of images or an NxHxWxC array."""
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f'{what}: expected a list of images or an NxHxWxC array, got an array of shape '
+                             f'{images.shape} (wrap a single image in a list)')
+        images = list(images)
+    out = []
+    for i, img in enumerate(images):
+        img = np.asarray(img)
+        if img.dtype != np.uint8:
+            raise ValueError(f'{what}[{i}]: expected uint8 pixels, got {img.dtype}')
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=-1)
+        elif img.ndim == 3 and img.shape[-1] == 4:
+            img = img[..., :3]
+        elif img.ndim == 3 and img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=-1)
+        if img.ndim != 3 or img.shape[-1] != 3:
+            raise ValueError(f'{what}[{i}]: expected an HxWx3 image, got shape {img.shape}')
+        out.append(np.ascontiguousarray(img))
+    return out

@@ -30,38 +30,17 @@ import pickle
 import numpy as np
 from scipy import ndimage, optimize, special
 
+from ldu_jax.metrics.image import as_images
+
 BRISQUE_INSTALL = 'pip install --no-deps brisque==0.2.0'
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
 
-def _as_list(images, what='images') -> list[np.ndarray]:
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4:
-            raise ValueError(f'{what}: expected a list of images or an NxHxWxC array, got an array of shape '
-                             f'{images.shape} (wrap a single image in a list)')
-        images = list(images)
-    out = []
-    for i, img in enumerate(images):
-        img = np.asarray(img)
-        if img.dtype != np.uint8:
-            raise ValueError(f'{what}[{i}]: expected uint8 pixels, got {img.dtype}')
-        if img.ndim == 3 and img.shape[-1] == 4:
-            img = img[..., :3]
-        if not (img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (1, 3))):
-            raise ValueError(f'{what}[{i}]: expected an HxWx3 or HxW image, got shape {img.shape}')
-        out.append(img)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # BRISQUE
 
 def _gray(img: np.ndarray) -> np.ndarray:
-    x = img.astype(np.float64) / 255.0
-    if x.ndim == 3 and x.shape[-1] == 3:
-        return x @ np.array([0.2125, 0.7154, 0.0721])
-    return x.reshape(x.shape[:2])
+    return (img.astype(np.float64) / 255.0) @ np.array([0.2125, 0.7154, 0.0721])
 
 
 def _gauss7(sigma: float = 7 / 6) -> np.ndarray:
@@ -131,7 +110,7 @@ def half_bicubic(x: np.ndarray) -> np.ndarray:
 
 def brisque_features(img: np.ndarray) -> np.ndarray:
     """The 36 BRISQUE features of one uint8 image (18 at full size, then 18 at half size)."""
-    (img,) = _as_list([img], 'img')
+    (img,) = as_images([img], 'img')
     gray = _gray(img)
     if min(gray.shape) < 16:
         raise ValueError(f'brisque: image of shape {img.shape} is too small (at least 16x16)')
@@ -209,7 +188,7 @@ def load_brisque_model(model_dir: str | None = None) -> BrisqueModel:
 def brisque(images, *, model_dir: str | None = None) -> np.ndarray:
     """BRISQUE score per image (higher = worse quality)."""
     model = load_brisque_model(model_dir)
-    feats = np.stack([brisque_features(img) for img in _as_list(images)])
+    feats = np.stack([brisque_features(img) for img in as_images(images)])
     return model(feats)
 
 
@@ -233,9 +212,7 @@ def load_clip(source: str):
 def clip_preprocess(img: np.ndarray, size: int) -> np.ndarray:
     """CLIP's preprocessing: shortest side to ``size`` (PIL bicubic), centre crop, mean/std; CxHxW."""
     from PIL import Image
-    (img,) = _as_list([img], 'img')
-    if img.ndim == 2 or img.shape[-1] == 1:
-        img = np.repeat(img.reshape(img.shape[:2] + (1,)), 3, axis=-1)
+    (img,) = as_images([img], 'img')
     h, w = img.shape[:2]
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     x = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC), np.float64)
@@ -268,7 +245,7 @@ def clip_iqa(images, clip_source, *, prompts=('Good photo.', 'Bad photo.'), batc
         raise ValueError(f'clip_iqa: expected two antonym prompts, got {prompts!r}')
     t = tok(list(prompts), padding=True, return_tensors='np')
     size = model.config.vision_config.image_size
-    images = _as_list(images)
+    images = as_images(images)
     fn, out, bs = _iqa_fn(model), [], max(1, min(batch_size, len(images)))
     for i in range(0, len(images), bs):
         px = np.stack([clip_preprocess(img, size) for img in images[i:i + bs]])
