@@ -88,6 +88,23 @@ def load_images(paths: Sequence, size: int):
     return arr, good, bad
 
 
+def read_rgb_folder(folder, log: Callable[[str], None] = print) -> tuple[list[str], list[np.ndarray]]:
+    """(stems, uint8 RGB images at their own size) of a folder's images, in ``list_images`` order;
+    files that cannot be decoded are reported by name through ``log`` and skipped."""
+    paths = list_images(folder)
+    stems, images, bad = [], [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(np.asarray(_to_rgb(im)))
+            stems.append(p.stem)
+        except Exception as e:  # noqa: BLE001 - reported by name
+            bad.append((p, str(e)))
+    if bad:
+        report_bad(bad, len(paths), log)
+    return stems, images
+
+
 def report_bad(bad, total: int, log: Callable[[str], None] = print) -> None:
     """Log one line per unusable file, then a count line; nothing when all files were fine."""
     if not bad:

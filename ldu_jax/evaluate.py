@@ -100,16 +100,8 @@ def find_subjects(root: str, names=()) -> list[str]:
 
 
 def read_images(folder: str) -> tuple[list[str], list[np.ndarray]]:
-    """(stems, uint8 RGB images) of a folder; unreadable files are skipped."""
-    stems, images = [], []
-    for p in data_lib.list_images(folder):
-        try:
-            with Image.open(p) as im:
-                images.append(np.asarray(data_lib._to_rgb(im)))
-            stems.append(p.stem)
-        except Exception:  # noqa: BLE001 - a bad file is simply not an image here
-            continue
-    return stems, images
+    """(stems, uint8 RGB images) of a folder; unreadable files are skipped silently."""
+    return data_lib.read_rgb_folder(folder, log=lambda s: None)
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -283,19 +283,9 @@ def purify_folder(setting, input_dir: str, output_dir: str, models: DiffusionMod
     read); returns the written file names. Unreadable files are reported by name and skipped."""
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
         raise ValueError(f"output folder {output_dir} must differ from the input folder")
-    paths = data_lib.list_images(input_dir)
-    if not paths:
-        raise data_lib.DataError(f"{input_dir}: no images (jpg/png/webp) found")
-    images, names, bad = [], [], []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                images.append(np.asarray(data_lib._to_rgb(im)))
-            names.append(p.stem)
-        except Exception as e:  # noqa: BLE001 - reported by name below
-            bad.append((p, str(e)))
-    if bad:
-        data_lib.report_bad(bad, len(paths), log)
+    names, images = data_lib.read_rgb_folder(input_dir, log)
+    if not images:
+        raise data_lib.DataError(f"{input_dir}: no readable images (jpg/png/webp)")
     out = make(setting, models)(images)
     written = []
     for name, img in zip(names, out):

@@ -32,16 +32,8 @@ def read_folder(folder: str) -> dict[str, np.ndarray]:
     """{stem: uint8 RGB} of a folder's images; unreadable files are reported by name and skipped."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder} does not exist")
-    out, bad = {}, []
-    paths = data_lib.list_images(folder)
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                out[p.stem] = np.asarray(data_lib._to_rgb(img))
-        except Exception as e:  # noqa: BLE001 - reported below
-            bad.append((p, str(e)))
-    if bad:
-        data_lib.report_bad(bad, len(paths), lambda s: print(s, file=sys.stderr))
+    stems, images = data_lib.read_rgb_folder(folder, lambda s: print(s, file=sys.stderr))
+    out = dict(zip(stems, images))
     if not out:
         raise FileNotFoundError(f"{folder}: no readable images")
     return out
