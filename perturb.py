@@ -1,6 +1,6 @@
 """Protect photos against personalization (LDU, or a pixel-space baseline): train ρ, protect folders.
 
-    python perturb.py                                   # demo: tiny models, built-in images -> ./ldu_demo/
+    python perturb.py                                   # demo: the mini-world's models, built-in images -> ./ldu_demo/
     python perturb.py train --config=configs/ldu_tiny.py --workdir=runs/rho [--config.dataset=PATH]
     python perturb.py apply --method=ldu --config=configs/ldu_tiny.py --checkpoint=runs/rho \
         --input=photos/ --output=protected/
@@ -26,10 +26,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "train: work dir for ρ (checkpoints, metrics.jsonl, grids)")
 flags.DEFINE_enum("method", "ldu", ["ldu", "ldu-opt", "advdm", "aspl", "fsmg", "photoguard", "mist", "sds", "sds-",
                                     "pid"], "apply: protection method (baselines take configs/protect_<method>_*.py)")
-flags.DEFINE_string("checkpoint", None, "apply --method=ldu: the ρ work dir made by `train`")
+flags.DEFINE_string("checkpoint", None, "apply --method=ldu: the ρ work dir made by `train` "
+                    "(default: the config's rho_checkpoint)")
 flags.DEFINE_string("input", None, "apply: folder of photos to protect (never modified)")
 flags.DEFINE_string("output", None, "apply: output folder (must differ from --input)")
-cli.define_config("config", "configs/ldu_tiny.py", "a configs/ldu_*.py file (baselines: configs/protect_*.py)")
+cli.define_config("config", "configs/ldu_miniworld.py", "a configs/ldu_*.py file (baselines: configs/protect_*.py)")
 
 DEMO_DIR = "ldu_demo"
 
@@ -41,13 +42,22 @@ def apply(method, config, checkpoint, input_dir, output_dir, log=print):
 
 
 def demo(config):
+    """Protect a few built-in portraits: with the mini-world's shipped models and ρ (the default
+    config), or, for a config without a trained ρ (e.g. configs/ldu_tiny.py), after a short ρ training."""
     from ldu_jax import data as data_lib
     from ldu_jax.protect.run import sample_folder, train_rho
-    print("LDU demo: tiny random models, built-in sample images, a short ρ training, then apply.")
-    train_rho(config, os.path.join(DEMO_DIR, "rho"))
-    images = sample_folder(DEMO_DIR)
+    shipped = bool(config.get("rho_checkpoint")) and os.path.isdir(config.rho_checkpoint)
+    kind = "miniworld" if config.dataset == "miniworld" else "samples"
+    if shipped:
+        print("LDU demo: the mini-world's trained models and ρ (ldu_jax/miniworld/models), held-out portraits.")
+        rho = config.rho_checkpoint
+    else:
+        print("LDU demo: a short ρ training on the config's models, then protection of built-in portraits.")
+        rho = os.path.join(DEMO_DIR, "rho")
+        train_rho(config, rho)
+    images = sample_folder(DEMO_DIR, kind)
     out = os.path.join(DEMO_DIR, "protected")
-    rows = apply("ldu", config, os.path.join(DEMO_DIR, "rho"), images, out)
+    rows = apply("ldu", config, rho, images, out)
     import numpy as np
     from PIL import Image
     pairs = []
@@ -65,8 +75,9 @@ def demo(config):
             print(f"  {r['file']}: PSNR {float(r['psnr']):.2f} dB, SSIM {float(r['ssim']):.4f}, "
                   f"within budget: {r['budget_ok']}")
     print(f"\nWrote {out}/ (protected images, report.csv) and {DEMO_DIR}/grid.png (original | protected).\n"
-          "These tiny random models protect nothing: they only show the pipeline working. For real\n"
-          "protection train a shortcut model on your Stable Diffusion VAE's latents (train.py) and run\n"
+          "How well the mini-world's protection works against Textual Inversion and DreamBooth:\n"
+          "  python -m ldu_jax.evaluate --config=configs/eval_miniworld.py --workdir=runs/eval_miniworld\n"
+          "For Stable Diffusion, train a shortcut model on its VAE's latents (train.py), then\n"
           "  python perturb.py train --config=configs/ldu_sd15.py --workdir=runs/rho \\\n"
           "      --config.sd=/models/stable-diffusion-v1-5 --config.shortcut=runs/shortcut_sd15 "
           "--config.dataset=/data/faces\n"

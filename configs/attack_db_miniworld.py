@@ -1,11 +1,14 @@
 """DreamBooth on the mini-world's text-to-image model: prior preservation on generated class
 images, UNet only (the Anti-DreamBooth protocol, scaled to the world's small model)."""
+import os
+
 from configs import attack_db_tiny
+from ldu_jax.miniworld import MODELS
 
 
 def get_config():
     c = attack_db_tiny.get_config()
-    c.model = "runs/miniworld/t2i/sd"
+    c.model = os.path.join(MODELS, "sd")
     c.num_class_images = 32
     c.class_steps = 25
     c.class_guidance = 3.0

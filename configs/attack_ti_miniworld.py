@@ -1,10 +1,13 @@
-"""Textual Inversion on the mini-world's text-to-image model (ldu_jax.miniworld.build -> t2i/sd)."""
+"""Textual Inversion on the mini-world's text-to-image model (shipped in ldu_jax/miniworld/models/sd)."""
+import os
+
 from configs import attack_ti_tiny
+from ldu_jax.miniworld import MODELS
 
 
 def get_config():
     c = attack_ti_tiny.get_config()
-    c.model = "runs/miniworld/t2i/sd"
+    c.model = os.path.join(MODELS, "sd")
     c.batch_size = 4
     c.max_steps = 300
     c.lr = 5e-3

@@ -1,22 +1,24 @@
 """The mini-world evaluation: held-out identities x methods x settings x attacks, measured with the
-world's identity model (ISM, FDFR) and PSNR / SSIM, on the models ldu_jax.miniworld.build made:
+world's identity model (ISM, FDFR, Fréchet distance of identity features) and PSNR / SSIM, on the
+shipped models in ldu_jax/miniworld/models (to evaluate a build of your own, point sd, shortcut,
+rho_checkpoint and face_backend at its export/ folder, or install it with the build's --install):
 
-    python -m ldu_jax.miniworld.build --workdir=runs/miniworld
     python -m ldu_jax.evaluate --config=configs/eval_miniworld.py --workdir=runs/eval_miniworld
 """
-from configs import eval_tiny
+import os
 
-W = "runs/miniworld"
+from configs import eval_tiny
+from ldu_jax.miniworld import MODELS
 
 
 def get_config():
     c = eval_tiny.get_config()
-    c.data = f"{W}/data/heldout"
+    c.data = "miniworld:8"         # 8 held-out identities (Anti-DreamBooth layout) written into the work dir
     c.reference_sets = ("set_A", "set_C")
-    c.sd = f"{W}/t2i/sd"
-    c.shortcut = f"{W}/shortcut"
-    c.rho_checkpoint = ""          # '' trains ρ (configs/ldu_miniworld.py) into <workdir>/rho
-    c.rho_dataset = f"{W}/data/train/images"
+    c.sd = os.path.join(MODELS, "sd")
+    c.shortcut = os.path.join(MODELS, "shortcut")
+    c.rho_checkpoint = os.path.join(MODELS, "rho")   # '' trains ρ (configs/ldu_miniworld.py) into <workdir>/rho
+    c.rho_dataset = ""
     c.methods = ("none", "ldu", "ldu-opt", "advdm", "aspl", "photoguard", "mist", "sds", "pid")
     c.method_configs = {**c.method_configs, "ldu": "configs/ldu_miniworld.py", "ldu-opt": "configs/ldu_miniworld.py"}
     pgd = {"eps": 8 / 255, "step_size": 1 / 255, "steps": 50}   # L-inf 8/255: PSNR >= 36 dB, like LDU's budget
@@ -28,5 +30,5 @@ def get_config():
     c.attack_configs = {"ti": "configs/attack_ti_miniworld.py", "dreambooth": "configs/attack_db_miniworld.py"}
     c.attack_overrides = {}
     c.num_samples = 8
-    c.face_backend = f"miniworld:{W}/identity"
+    c.face_backend = "miniworld:" + os.path.join(MODELS, "identity")
     return c

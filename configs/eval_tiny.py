@@ -7,7 +7,8 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = "demo:2"              # subjects root (<root>/<subject>/set_A,set_B,set_C) or 'demo:N' (procedural)
+    c.data = "demo:2"              # subjects root (<root>/<subject>/set_A,set_B,set_C), 'demo:N' (procedural)
+                                   # or 'miniworld:N' (the mini-world's held-out identities)
     c.demo_size = 64               # image size of demo subjects
     c.subjects = ()                # a subset of subject folder names; () = all
     c.reference_sets = ("set_A",)  # the person's clean photos: ISM reference and FID(gen) reference

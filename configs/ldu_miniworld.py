@@ -1,20 +1,33 @@
-"""LDU on the mini-world's models (ldu_jax.miniworld.build): its VAE / UNet / text encoder bundle
-and its shortcut DiT, ρ trained on the world's training portraits."""
+"""LDU on the mini-world's models: the shipped VAE / UNet / text encoder bundle, shortcut DiT and
+trained ρ (ldu_jax/miniworld/models, made by ``python -m ldu_jax.miniworld.build --install``).
+The default config of ``python perturb.py``.
+
+    get_config()          the shipped models; ρ training on world portraits ('miniworld' dataset)
+    get_config('test')    a few ρ steps (the build's test profile)
+"""
+import os
+
 from configs import ldu_tiny
+from ldu_jax.miniworld import MODELS
 
 
-def get_config():
+def get_config(arg: str = ""):
     c = ldu_tiny.get_config()
-    c.sd = "runs/miniworld/t2i/sd"
-    c.shortcut = "runs/miniworld/shortcut"
-    c.dataset = "runs/miniworld/data/train/images"
+    c.sd = os.path.join(MODELS, "sd")
+    c.shortcut = os.path.join(MODELS, "shortcut")
+    c.rho_checkpoint = os.path.join(MODELS, "rho")   # apply --method=ldu without --checkpoint uses it
+    c.dataset = "miniworld"        # ρ training images: the world's training portraits, or a folder
     c.resolution = 64
-    c.max_steps = 2000
+    c.max_steps = 400
     c.batch_size = 8
     c.log_every = 25
-    c.save_every = 250
-    c.grid_every = 250
+    c.save_every = 100
+    c.grid_every = 100
     c.ti_weight = 1.0
     c.db_weight = 1.0
     c.opt_steps = 50
+    if arg == "test":
+        c.max_steps, c.batch_size, c.log_every, c.save_every, c.grid_every = 2, 8, 1, 2, 0
+    elif arg:
+        raise ValueError(f"unknown ldu_miniworld config variant {arg!r} (use '' or 'test')")
     return c

@@ -9,7 +9,9 @@ def get_config():
     c.sd = "tiny"                  # Stable Diffusion: 'tiny', a diffusers folder or a hub id
     c.shortcut = "random"          # shortcut DiT: a train.py work dir (on this SD's VAE latents), or 'random'
     c.resolution = 0               # 0: the SD model's resolution
-    c.dataset = "samples"          # ρ training images: a folder, or 'samples' (built-in portraits)
+    c.dataset = "samples"          # ρ training images: a folder, 'samples' (built-in portraits) or
+                                   # 'miniworld' (the mini-world's training portraits)
+    c.rho_checkpoint = ""          # apply --method=ldu: ρ work dir used when --checkpoint is not given
     # pipeline
     c.steps = 4                    # k shortcut steps for invert and denoise
     c.rounds = 1                   # invert -> shift -> denoise cycles

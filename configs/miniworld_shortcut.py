@@ -13,11 +13,11 @@ def get_config(arg: str = ""):
     c.vae = "runs/miniworld/vae/vae"
     c.image_size = 64              # 64 px -> 16x16x4 latents
     c.batch_size = 32
-    c.max_steps = 8000
+    c.max_steps = 2500
     c.log_every = 50
     c.save_every = 1000
     c.model.update(dict(hidden_size=128, patch_size=2, depth=4, num_heads=4, mlp_ratio=4.0))
-    c.optim.update(dict(lr=3e-4, schedule="cosine", warmup=200, grad_clip=1.0, ema=0.999))
+    c.optim.update(dict(lr=6e-4, schedule="cosine", warmup=200, grad_clip=1.0, ema=0.995))
     if arg == "test":
         c.batch_size, c.max_steps, c.log_every, c.save_every = 8, 4, 2, 4
         c.sample_steps, c.num_samples = (1, 4), 4

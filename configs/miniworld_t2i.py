@@ -16,22 +16,22 @@ def get_config(arg: str = ""):
     c.seed = 0
     c.resolution = 64                # image size in px (the VAE's factor 4 gives 16x16 latents)
     c.batch_size = 32                # global batch, sharded over the devices
-    c.max_steps = 20000
+    c.max_steps = 2000
     c.log_every = 50
     c.save_every = 1000
     c.keep = 2
     c.cfg_dropout = 0.1              # probability of training on the empty prompt
-    c.ema = 0.999                    # EMA of the weights (with diffusers' warm-up); 0: save the live weights
+    c.ema = 0.995                    # EMA of the weights (with diffusers' warm-up); 0: save the live weights
     c.vocab_batches = 200            # batches whose captions make the tokenizer (when no vocabulary is given)
     c.base_words = True              # also make the tiny tokenizer's prompt words single tokens
     c.model = ml_collections.ConfigDict(dict(
         text=ml_collections.ConfigDict(dict(
-            hidden_size=128, intermediate_size=512, num_layers=3, num_heads=4,
+            hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
             max_length=32,           # tokens per prompt (captions are short)
         )),
         unet=ml_collections.ConfigDict(dict(
             latent_channels=4,
-            block_out_channels=(64, 128, 128),   # multiples of 32 (the Flax UNet's GroupNorm)
+            block_out_channels=(32, 64, 64),   # multiples of 32 (the Flax UNet's GroupNorm)
             layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -39,8 +39,8 @@ def get_config(arg: str = ""):
         )),
     ))
     c.optim = ml_collections.ConfigDict(dict(
-        lr=3e-4, beta1=0.9, beta2=0.999, weight_decay=1e-2,
-        schedule="cosine", warmup=500, grad_clip=1.0,
+        lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=1e-2,
+        schedule="cosine", warmup=200, grad_clip=1.0,
     ))
     # Sample grid written at the end (samples/step_<n>.png): num_samples per prompt.
     c.sample_prompts = ("a photo of a person",) + tuple(p for p in ATTACK_PROMPTS if "sks" not in p)

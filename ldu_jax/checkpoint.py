@@ -91,6 +91,21 @@ def restore_params(workdir: str, ema: bool = True, step: int | None = None):
     return state["params_ema" if ema else "params"], meta
 
 
+def export(workdir: str, out_dir: str, keys, step: int | None = None) -> int:
+    """Write the entries ``keys`` of a work dir's latest (or given) checkpoint state, with its meta,
+    as a one-checkpoint work dir ``out_dir`` that the same loaders read (e.g. ``('params_ema',)``
+    for ``restore_params``: a model to ship without its optimizer state). Returns the step."""
+    state, meta = restore_state(workdir, step)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"checkpoint in {workdir} has no {', '.join(missing)} (it has {', '.join(state)})")
+    step = int(np.asarray(state["step"])) if "step" in state else int(make_manager(workdir).latest_step())
+    manager = make_manager(out_dir, keep=1)
+    save(manager, step, {k: state[k] for k in keys}, meta)
+    manager.wait_until_finished()
+    return step
+
+
 def load_official_pickle(path: str, allow_pickle: bool = False) -> dict:
     """The ``train_state`` dict of a shortcut-models checkpoint. Refuses unless ``allow_pickle``."""
     if not allow_pickle:

@@ -36,11 +36,12 @@ from PIL import Image
 from ldu_jax import data as data_lib
 
 COLUMNS = ("subject", "method", "setting", "attack", "status", "reason", "n_protected", "psnr", "ssim",
-           "linf", "fid_protected", "n_generated", "fdfr", "ism", "brisque", "clip_iqa", "fid_generated",
-           "seconds", "notes")
+           "linf", "fid_protected", "n_generated", "fdfr", "ism", "fd_identity", "brisque", "clip_iqa",
+           "fid_generated", "seconds", "notes")
 # (column, label, higher is better for the protection?)
 TABLE_METRICS = (("psnr", "PSNR↑", None), ("ssim", "SSIM↑", None), ("fid_protected", "FID(prot)↓", None),
-                 ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False), ("brisque", "BRISQUE↑", True),
+                 ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False),
+                 ("fd_identity", "FD(id)↑", True), ("brisque", "BRISQUE↑", True),
                  ("clip_iqa", "CLIP-IQA↓", False), ("fid_generated", "FID(gen)↑", True))
 SETS = ("set_A", "set_B", "set_C")
 
@@ -147,11 +148,12 @@ class Metrics:
         else:
             load = lambda: face.load_face_model(backend)  # noqa: E731
         model = self._get("face", load)
-        try:
-            m = face.face_metrics(images, reference, model=model)
+        try:  # the mini-world's model embeds a batch in one pass
+            m = (model.model.face_metrics(images, reference) if hasattr(model, "model")
+                 else face.face_metrics(images, reference, model=model))
         except ValueError as e:  # e.g. no face in the reference photos
             raise Skip(str(e)) from None
-        return {"fdfr": m["fdfr"], "ism": m["ism"]}
+        return {"fdfr": m["fdfr"], "ism": m["ism"], "fd_identity": m["fd"]}
 
     def brisque(self, images):
         from ldu_jax.metrics import quality
@@ -365,9 +367,13 @@ def run(cfg, workdir: str, log=print) -> list[dict]:
     """Every cell of the evaluation; writes results.csv, results.md and plots/ into ``workdir``."""
     from tqdm import tqdm
     os.makedirs(workdir, exist_ok=True)
-    if str(cfg.data).startswith("demo:"):
-        cfg.data = make_demo_subjects(os.path.join(workdir, "subjects"), int(cfg.data.split(":")[1]),
-                                      size=cfg.demo_size)
+    kind, _, n = str(cfg.data).partition(":")
+    if kind == "demo":
+        cfg.data = make_demo_subjects(os.path.join(workdir, "subjects"), int(n), size=cfg.demo_size)
+    elif kind == "miniworld":  # the mini-world's held-out identities
+        from ldu_jax.miniworld import world
+        cfg.data = os.path.join(workdir, "subjects")
+        world.write_heldout_subjects(cfg.data, int(n))
     runner = Runner(cfg, workdir, log)
     subjects = find_subjects(cfg.data, tuple(cfg.subjects))
     cells = [(s, m, st, a) for s in subjects for m in cfg.methods for st in cfg.settings for a in cfg.attacks]

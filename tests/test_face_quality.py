@@ -59,6 +59,20 @@ def test_ism_and_face_metrics(photos, dlib_model):
         face.load_face_model('vgg')
 
 
+def test_identity_fd_is_the_frechet_distance_of_unit_embeddings():
+    from ldu_jax.metrics.fid import frechet_distance
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    a, b = unit(rng.normal(size=(12, 8)) + 3), unit(rng.normal(size=(10, 8)) - 3)
+    fd = face.identity_fd([*a, None], [x * 5 for x in b])  # None (no face) skipped; scale removed
+    ref = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert fd == pytest.approx(ref, rel=1e-6) and fd > 1.0
+    assert face.identity_fd(list(a), list(a)) == pytest.approx(0.0, abs=1e-9)
+    assert np.isnan(face.identity_fd([a[0], None], list(b)))  # fewer than 2 faces
+    m = face.metrics_from_embeddings([a[0], None, a[1]], list(a))
+    assert m['n'] == 3 and m['n_faces'] == 2 and np.isclose(m['fdfr'], 1 / 3) and m['fd'] > 0
+
+
 def _reference_brisque(img):
     """The brisque package's own features (with its opencv resize) and libsvm prediction. Its
     ``score`` breaks on numpy 2 (it calls float() on 1-element arrays), so we flatten here."""

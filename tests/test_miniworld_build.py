@@ -18,12 +18,28 @@ def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path
     sd, params = sdm.load_sd(manifest["t2i"]["path"])  # the normal loading code reads the bundle
     assert sd.resolution == 64 and latent_shape(sd, 64) == (16, 16, 4)
     dit, dit_params, null = load_shortcut(manifest["shortcut"]["path"], latent_shape(sd, 64))
+    import jax
     import jax.numpy as jnp
     z = sampling.denoise(trainer.make_apply(dit), dit_params, jnp.zeros((1, 16, 16, 4)),
                          jnp.full((1,), null, jnp.int32), steps=2)
     assert bool(jnp.isfinite(z).all())
     ident = identity.load(manifest["identity"]["path"], batch_size=4)
     assert ident.embed(json_free_images(w)).shape[0] == 2
+    # export: every shipped model loads through the normal loaders, without optimizer state
+    exp = manifest["export"]["path"]
+    assert sorted(os.listdir(exp)) == ["identity", "manifest.json", "rho", "sd", "shortcut"]
+    assert sdm.load_sd(os.path.join(exp, "sd"))[0].resolution == 64
+    _, exp_params, _ = load_shortcut(os.path.join(exp, "shortcut"), latent_shape(sd, 64))
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), exp_params, dit_params))
+    from ldu_jax import checkpoint as ckpt
+    from ldu_jax.protect.run import rho_checkpoint
+    assert set(ckpt.restore_state(os.path.join(exp, "shortcut"))[0]) == {"params_ema"}
+    rho, meta = rho_checkpoint(os.path.join(exp, "rho"))
+    assert meta["kind"] == "ldu-rho" and "params" in rho
+    exp_ident = identity.load(os.path.join(exp, "identity"), batch_size=4)
+    assert (exp_ident.embed(json_free_images(w)) == ident.embed(json_free_images(w))).all()
+    dest = build.install(w, str(tmp_path / "pkg_models"))
+    assert sorted(os.listdir(dest)) == sorted(os.listdir(exp))
     # the evaluation's face metrics can use the world's identity model
     from configs import eval_tiny
     from ldu_jax import evaluate
@@ -32,7 +48,7 @@ def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path
     images = json_free_images(w)
     try:  # a 4-step detector may see no face at all: then the metric is skipped, saying so
         m = evaluate.Metrics(cfg, log=logs.append).face(list(images), list(images))
-        assert set(m) == {"fdfr", "ism"} and 0 <= m["fdfr"] <= 1
+        assert set(m) == {"fdfr", "ism", "fd_identity"} and 0 <= m["fdfr"] <= 1
     except evaluate.Skip as e:
         assert "no face detected" in str(e)
     again = []

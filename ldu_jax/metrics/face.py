@@ -192,9 +192,24 @@ def ism(images, reference_images, *, backend: str = 'dlib', model: FaceModel | N
     return _ism(embeddings(images, model=model), _ref_embeddings(reference_images, model))
 
 
+def identity_fd(embs, ref_embs) -> float:
+    """Fréchet distance between the Gaussian fits of the unit embeddings of the detected faces
+    (``None`` entries are skipped) and of the detected references; nan with fewer than 2 of either."""
+    from ldu_jax.metrics.fid import frechet_distance_features
+    a = [_unit(e) for e in embs if e is not None]
+    b = [_unit(e) for e in ref_embs if e is not None]
+    return frechet_distance_features(np.stack(a), np.stack(b)) if min(len(a), len(b)) >= 2 else math.nan
+
+
 def face_metrics(images, reference_images, *, backend: str = 'dlib', model: FaceModel | None = None) -> dict:
-    """dict(fdfr, ism, n (images), n_faces (images with a face)); each image is embedded once."""
+    """dict(fdfr, ism, fd (``identity_fd``), n (images), n_faces (images with a face)); each image
+    is embedded once."""
     model = _model(model, backend)
-    embs = embeddings(images, model=model)
-    score, n_faces = _ism(embs, _ref_embeddings(reference_images, model))
-    return {'fdfr': _fdfr(embs), 'ism': score, 'n': len(embs), 'n_faces': n_faces}
+    return metrics_from_embeddings(embeddings(images, model=model), _ref_embeddings(reference_images, model))
+
+
+def metrics_from_embeddings(embs, ref_embs) -> dict:
+    """``face_metrics`` from per-image embeddings (``None``: no face detected)."""
+    score, n_faces = _ism(embs, ref_embs)
+    return {'fdfr': _fdfr(embs), 'ism': score, 'fd': identity_fd(embs, ref_embs), 'n': len(embs),
+            'n_faces': n_faces}

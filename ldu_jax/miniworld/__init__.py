@@ -3,3 +3,8 @@
 ``world``: seeded portrait identities, 64x64 renders, captions, training / held-out files;
 ``identity``: the world's face recognition (identity embedder + face detector) for ISM and FDFR.
 """
+import os
+
+# The shipped models (``python -m ldu_jax.miniworld.build --install`` writes them): sd/ (a diffusers
+# bundle: VAE, UNet, text encoder, tokenizer), shortcut/, identity/ and rho/ (orbax work dirs).
+MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")

@@ -10,31 +10,39 @@ Stages (in order; a finished stage is skipped, an interrupted one resumes from i
     vae       the VAE (factor 4: 64 px -> 16x16x4)                             -> vae/vae/
     t2i       CLIP text encoder + text-conditioned UNet, a diffusers bundle    -> t2i/sd/
     shortcut  the shortcut DiT on the VAE's latents (train.py's trainer)       -> shortcut/
+    rho       LDU's ρ on these models and the training images (perturb.py's trainer) -> rho/
+    export    the models to ship, without optimizer state                      -> export/
 
-``manifest.json`` records each stage's output and CPU time. The ``test`` profile shrinks every
-model and step count to check the whole chain in a minute or two.
+``manifest.json`` records each stage's output, wall-clock and CPU time. The ``test`` profile shrinks every
+model and step count to check the whole chain in a minute or two. ``--install`` copies export/
+into the package (``ldu_jax/miniworld/models``), whose models are the defaults of
+``configs/*_miniworld.py`` and of ``python perturb.py``.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 
-from ldu_jax.miniworld import world
+from ldu_jax.miniworld import MODELS, world
 
-STAGES = ("data", "identity", "vae", "t2i", "shortcut")
+STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
+# what each shipped checkpoint keeps of its training state (the loaders read exactly these)
+EXPORT_KEYS = {"shortcut": ("params_ema",), "identity": ("params",), "rho": ("rho",)}
 
 
 def configs(profile: str = "full") -> dict:
     """The stage configs of a profile ('full': the shipped models; 'test': tiny, seconds)."""
-    from configs import miniworld_identity, miniworld_shortcut, miniworld_t2i, miniworld_vae
+    from configs import ldu_miniworld, miniworld_identity, miniworld_shortcut, miniworld_t2i, miniworld_vae
     if profile not in ("full", "test"):
         raise ValueError(f"unknown profile {profile!r}; 'full' or 'test'")
     arg = "" if profile == "full" else "test"
     c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config(arg),
-         "identity": miniworld_identity.get_config(arg), "shortcut": miniworld_shortcut.get_config(arg)}
+         "identity": miniworld_identity.get_config(arg), "shortcut": miniworld_shortcut.get_config(arg),
+         "rho": ldu_miniworld.get_config(arg)}
     c["data"] = {"n_train": 512, "per_identity": 8, "n_heldout": 8} if profile == "full" else \
         {"n_train": 8, "per_identity": 2, "n_heldout": 2}
     return c
@@ -87,7 +95,7 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             log(f"[{stage}] done already ({_manifest(workdir)[stage]['path']})")
             continue
         log(f"[{stage}] building ...")
-        t0, c = time.process_time(), cfg[stage]
+        t0, w0, c, info = time.process_time(), time.time(), cfg.get(stage), {}
         if stage == "data":
             d = cfg["data"]
             world.write_training_set(p("data", "train"), d["n_train"], d["per_identity"], progress=True)
@@ -97,6 +105,8 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             from ldu_jax.miniworld import identity
             identity.train(c, p("identity"), log=log)
             out = p("identity")
+            info["eval"] = identity.measure(identity.load(out), n_identities=c.eval_heldout)
+            log(f"[identity] held-out identities: {info['eval']}")
         elif stage == "vae":
             from ldu_jax.miniworld.train_vae import train_vae
             train_vae(c, p("vae"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed), log=log)
@@ -106,20 +116,60 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             train_t2i(c, p("t2i"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed + 1),
                       p("vae", "vae"), log=log, vocabulary=world.vocabulary())
             out = p("t2i", "sd")
-        else:
+        elif stage == "shortcut":
             from ldu_jax.shortcut import run as shortcut_run
             c.dataset, c.vae = p("data", "train", "images"), p("vae", "vae")
             shortcut_run.train(c, p("shortcut"), log=log)
             out = p("shortcut")
-        _record(workdir, stage, done=True, path=out, cpu_seconds=round(time.process_time() - t0, 1), profile=profile)
-        log(f"[{stage}] done in {time.process_time() - t0:.0f} CPU s -> {out}")
+        elif stage == "rho":
+            from ldu_jax.protect.run import train_rho
+            c.sd, c.shortcut, c.dataset, c.rho_checkpoint = p("t2i", "sd"), p("shortcut"), p("data", "train", "images"), ""
+            train_rho(c, p("rho"), log=log)
+            out = p("rho")
+        else:
+            out = export(workdir)
+        _record(workdir, stage, done=True, path=out, cpu_seconds=round(time.process_time() - t0, 1),
+                wall_seconds=round(time.time() - w0, 1), profile=profile, **info)
+        log(f"[{stage}] done in {time.time() - w0:.0f} s ({time.process_time() - t0:.0f} CPU s) -> {out}")
     return _manifest(workdir)
+
+
+def export(workdir: str) -> str:
+    """``<workdir>/export``: the t2i bundle and the shortcut, identity and ρ checkpoints without
+    their optimizer state, plus the manifest (written atomically)."""
+    from ldu_jax import checkpoint as ckpt
+    out = os.path.join(workdir, "export")
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
+    for name, keys in EXPORT_KEYS.items():
+        ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys)
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(_manifest(workdir), f, indent=1)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def install(workdir: str, dest: str = MODELS) -> str:
+    """Replace the package's shipped models (``dest``) with ``<workdir>/export``."""
+    src = os.path.join(workdir, "export")
+    if not os.path.isfile(os.path.join(src, "manifest.json")):
+        raise FileNotFoundError(f"{src} is not a finished export (run the build's export stage first)")
+    tmp = dest.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
 
 
 def _main(argv):
     from absl import flags
     f = flags.FLAGS
     build(f.workdir, f.profile, tuple(s for s in f.stages.split(",") if s))
+    if f.install:
+        print(f"installed the models into {install(f.workdir)}")
 
 
 if __name__ == "__main__":
@@ -129,4 +179,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "where the world and its models are built", required=True)
     flags.DEFINE_enum("profile", "full", ["full", "test"], "full: the shipped models; test: tiny, seconds")
     flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated subset of " + ",".join(STAGES))
+    flags.DEFINE_bool("install", False, "copy <workdir>/export into the package (the shipped default models)")
     cli.run(_main, user_errors=(ValueError,))

@@ -290,21 +290,13 @@ class IdentityModel:
         return self.run(images)[0]
 
     def face_metrics(self, images, reference_images) -> dict:
-        """dict(fdfr, ism, n, n_faces) as ``ldu_jax.metrics.face.face_metrics``: FDFR the share of
-        images with no face detected; ISM the mean cosine of each detected image's embedding to the
-        normalised mean of the detected references' embeddings (nan with n_faces 0 if none).
-        Raises ValueError when no reference image is detected as a face."""
-        ref_e, ref_p = self.run(reference_images)
-        ref_ok = ref_p > self.threshold
-        if not ref_ok.any():
-            raise ValueError(f"ism: no face detected in any of the {len(ref_p)} reference images")
-        centre = ref_e[ref_ok].astype(np.float64).mean(0)
-        centre /= max(np.linalg.norm(centre), 1e-12)
-        e, p = self.run(images)
-        ok = p > self.threshold
-        sims = e[ok].astype(np.float64) @ centre
-        return {"fdfr": float(np.mean(~ok)) if len(ok) else math.nan,
-                "ism": float(np.mean(sims)) if len(sims) else math.nan, "n": int(len(ok)), "n_faces": int(ok.sum())}
+        """``ldu_jax.metrics.face.face_metrics`` (fdfr, ism, fd, n, n_faces), each batch embedded in
+        one pass. Raises ValueError when no reference image is detected as a face."""
+        def embs(imgs):
+            e, p = self.run(imgs)
+            return [x.astype(np.float64) if ok else None for x, ok in zip(e, p > self.threshold)]
+        refs = embs(reference_images)
+        return face_lib.metrics_from_embeddings(embs(images), refs)
 
     def as_face_model(self) -> face_lib.FaceModel:
         """This model as an ``ldu_jax.metrics.face.FaceModel`` (one 'face' box = the whole image)."""

@@ -77,7 +77,7 @@ def train_rho(config, workdir: str, log=print):
     step = jax.jit(ldu.make_rho_step(models, tx, config, config.seed, dsh), donate_argnums=(0,))
     frozen = jax.device_put(params, rep)
     ids = jax.device_put((ti_ids, db_ids), rep)
-    folder = sample_folder(workdir) if config.dataset == "samples" else config.dataset
+    folder = dataset_folder(config.dataset, workdir)
     images = data_lib.ImageFolder(folder, res, log=log).batches(config.batch_size, config.seed,
                                                                 start_step=int(state.step))
 
@@ -125,8 +125,10 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
     mesh = parallel.batch_mesh(config.apply_batch)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
     if method == "ldu":
+        checkpoint = checkpoint or config.get("rho_checkpoint", "")
         if not checkpoint:
-            raise ValueError("--method=ldu needs --checkpoint=<perturb.py train work dir>")
+            raise ValueError("--method=ldu needs --checkpoint=<perturb.py train work dir> "
+                             "(or config.rho_checkpoint)")
         rho, meta = rho_checkpoint(checkpoint)
         ref = jax.eval_shape(lambda: models.rho.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape))))
         ckpt.check_compatible(meta, {"param_shapes": ckpt.param_shapes(ref)}, checkpoint)
@@ -161,13 +163,35 @@ def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, out
 
 
 SAMPLE_COUNT = 4
+MINIWORLD_TRAIN = (128, 4)   # identities x images of the 'miniworld' ρ training set
 
 
-def sample_folder(workdir: str) -> str:
-    """A few built-in sample portraits (procedural, deterministic) written under ``workdir``."""
-    folder = os.path.join(workdir, "sample_images")
+def sample_folder(workdir: str, kind: str = "samples") -> str:
+    """A few built-in sample portraits (deterministic) written under ``workdir``: procedural
+    portraits (``samples``) or held-out identities of the mini-world (``miniworld``)."""
+    folder = os.path.join(workdir, "sample_images" if kind == "samples" else f"sample_images_{kind}")
     if os.path.isdir(folder) and len(os.listdir(folder)) >= SAMPLE_COUNT:
         return folder
-    for i in range(SAMPLE_COUNT):
-        data_lib.save_image_atomic(os.path.join(folder, f"sample_{i}.png"), data_lib.procedural_portrait(i))
+    if kind == "miniworld":
+        from ldu_jax.miniworld import world
+        images = [world.render(ident, 0) for ident in world.heldout_identities(SAMPLE_COUNT)]
+    elif kind == "samples":
+        images = [data_lib.procedural_portrait(i) for i in range(SAMPLE_COUNT)]
+    else:
+        raise ValueError(f"unknown sample kind {kind!r}; 'samples' or 'miniworld'")
+    for i, img in enumerate(images):
+        data_lib.save_image_atomic(os.path.join(folder, f"sample_{i}.png"), img)
     return folder
+
+
+def dataset_folder(dataset: str, workdir: str) -> str:
+    """The image folder of a config's ``dataset``: a path, ``samples`` (the built-in portraits) or
+    ``miniworld`` (the mini-world's training portraits, rendered into ``workdir`` once)."""
+    if dataset == "samples":
+        return sample_folder(workdir)
+    if dataset == "miniworld":
+        from ldu_jax.miniworld import world
+        root = os.path.join(workdir, "miniworld_train")
+        world.write_training_set(root, *MINIWORLD_TRAIN)
+        return os.path.join(root, "images")
+    return dataset
