@@ -14,6 +14,7 @@ def get_config():
     c.num_class_images = 8
     c.class_steps = 10                # DDIM steps for generating class images
     c.class_guidance = 7.5
+    c.class_images_dir = ""           # '' : <workdir>/class_images; a shared folder reuses them across runs
     c.train_text_encoder = False
     c.lora_rank = 0                   # > 0: train LoRA adapters on the UNet attention instead
     c.lora_alpha = 4.0

@@ -16,6 +16,7 @@ def get_config():
     c.steps = 4                    # k shortcut steps for invert and denoise
     c.rounds = 1                   # invert -> shift -> denoise cycles
     c.fixed_point_iters = 0        # refinement of each inversion step
+    c.output = "decode"            # x' = D(z0') (the paper); 'residual': x' = x + D(z0') - D(z0)
     c.remat = False                # recompute VAE / UNet / DiT in the backward pass (memory)
     c.dtype = "float32"            # compute dtype of the SD parts and the DiT: float32 or bfloat16
     c.perturber = ml_collections.ConfigDict(dict(widths=(16, 32), norm="group", residual=True))

@@ -79,7 +79,8 @@ def run_dreambooth(config, images_dir: str, workdir: str, log=print):
     sched = sch.make_schedule(sd.scheduler)
     class_images = images[:1]
     if config.prior_weight > 0:
-        class_images = dreambooth.ensure_class_images(sd, params, os.path.join(workdir, "class_images"), config, log)
+        folder = config.get("class_images_dir") or os.path.join(workdir, "class_images")
+        class_images = dreambooth.ensure_class_images(sd, params, folder, config, log)
     tx = dreambooth.make_optimizer(config)
     frozen = dreambooth.frozen_params(params, config)
     ids = sdm.tokenize(sd, [config.instance_prompt, config.class_prompt])

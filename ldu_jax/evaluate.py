@@ -308,6 +308,8 @@ class Runner:
             raise Skip(f"no config for attack {attack!r} (config attack_configs)")
         cfg = load_config_file(path, self.cfg.attack_overrides.get(attack, {}))
         cfg.model = self.cfg.sd
+        if "class_images_dir" in cfg and not cfg.class_images_dir:  # one prior set for every cell
+            cfg.class_images_dir = os.path.join(self.workdir, "class_images", attack)
         cfg.num_samples = self.cfg.num_samples
         cfg.seed = self.cfg.seed
         return cfg

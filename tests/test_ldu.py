@@ -49,6 +49,12 @@ def test_rho_at_init_gives_the_plain_reconstruction(setup):
     recon = ldu.vae_lib.decode(ldu._vae(models), params["vae"],
                                sampling.denoise(apply_fn, params["dit"], zT, labels, steps=4))
     np.testing.assert_allclose(np.asarray(x_prot), np.asarray(recon), atol=1e-5)
+    # output='residual': the clean image plus the change ρ makes to the decoded latent
+    x_res, _ = jax.jit(lambda p, x: ldu.protect_images(models, p, x, cfg(output="residual")))(p, x)
+    plain = ldu.vae_lib.decode(ldu._vae(models), params["vae"], z0)
+    np.testing.assert_allclose(np.asarray(x_res), np.asarray(x + recon - plain), atol=1e-5)
+    with pytest.raises(ValueError, match="output"):
+        ldu.protect_images(models, p, x, cfg(output="pixels"))
 
 
 def test_gradients_reach_every_rho_parameter(setup):

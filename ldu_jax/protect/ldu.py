@@ -84,12 +84,17 @@ def protect_latents(models, params, z0, cfg, shift=None, train: bool = False, zT
 def protect_images(models, params, x, cfg, shift=None, train: bool = False, latents=None):
     """Images [-1, 1] NHWC -> protected images (and ρ's batch_stats when training with BatchNorm).
 
+    ``cfg.output``: 'decode' (x' = D(z0'), the paper) or 'residual' (x' = x + D(z0') - D(z0)).
     ``latents``: (z0, zT) of x when precomputed (ldu-opt reuses them across its steps)."""
     dec = functools.partial(vae_lib.decode, _vae(models))
     if cfg.remat:
         dec = jax.checkpoint(dec)
+    if cfg.output not in ("decode", "residual"):
+        raise ValueError(f"config.output={cfg.output!r}: expected 'decode' or 'residual'")
     z0, zT = latents if latents is not None else (encode_mean(models, params["vae"], x), None)
     z, stats = protect_latents(models, params, z0, cfg, shift, train, zT)
+    if cfg.output == "residual":  # x + D(z0') - D(z0): the VAE's reconstruction error is not added
+        return x + dec(params["vae"], z) - dec(params["vae"], z0), stats
     return dec(params["vae"], z), stats
 
 
