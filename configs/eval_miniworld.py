@@ -28,7 +28,7 @@ def get_config():
     c.settings = ("none", "jpeg:quality=75", "blur:sigma=1.0", "diffpure:strength=0.1,steps=10")
     c.attacks = ("ti", "dreambooth")
     c.attack_configs = {"ti": "configs/attack_ti_miniworld.py", "dreambooth": "configs/attack_db_miniworld.py"}
-    c.attack_overrides = {}
+    c.attack_overrides = {"ti": {"max_steps": 300}, "dreambooth": {"max_steps": 300}}
     c.num_samples = 8
     c.face_backend = "miniworld:" + os.path.join(MODELS, "identity")
     return c
