@@ -134,6 +134,17 @@ def test_t2i_bundle_loads_and_samples(t2i_run):
     assert eps.shape == (2, 16, 16, 4) and bool(jnp.isfinite(eps).all())
 
 
+def test_t2i_text_use_compares_captions_on_the_same_draws(t2i_run):
+    from ldu_jax.miniworld.train_t2i import text_use
+    _, _, sd, params = t2i_run
+    images = np.asarray(DATA[0][:4])
+    m = text_use(sd, params, images, ["a photo of a person with red hair"] * 4, draws=2)
+    assert set(m) == {"caption", "shuffled", "empty"} and all(np.isfinite(v) and v > 0 for v in m.values())
+    assert m["shuffled"] == m["caption"]  # shuffling identical captions changes nothing: same draws
+    assert m["empty"] != m["caption"]     # the text reaches the UNet
+    assert text_use(sd, params, images, ["a", "b", "c", "d"], draws=2)["caption"] != m["caption"]
+
+
 def test_t2i_bundle_generates(t2i_run):
     sd, params = sdm.load_sd(os.path.join(t2i_run[1], "sd"))
     out = common.generate(sd, params, ["a photo of a person with red hair"], n_per_prompt=1, steps=2,

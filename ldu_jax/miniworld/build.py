@@ -113,9 +113,14 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             out = p("vae", "vae")
         elif stage == "t2i":
             from ldu_jax.miniworld.train_t2i import train_t2i
-            train_t2i(c, p("t2i"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed + 1),
-                      p("vae", "vae"), log=log, vocabulary=world.vocabulary())
+            from ldu_jax.miniworld.train_t2i import text_use
+            sd, params = train_t2i(c, p("t2i"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed + 1),
+                                   p("vae", "vae"), log=log, vocabulary=world.vocabulary())
             out = p("t2i", "sd")
+            held = world.heldout_identities(32)
+            info["text_use"] = text_use(sd, params, world.render_batch(held, np.arange(32), sd.resolution),
+                                        [world.caption(h, v) for v, h in enumerate(held)])
+            log(f"[t2i] loss on held-out portraits with captions / shuffled / empty: {info['text_use']}")
         elif stage == "shortcut":
             from ldu_jax.shortcut import run as shortcut_run
             c.dataset, c.vae = p("data", "train", "images"), p("vae", "vae")

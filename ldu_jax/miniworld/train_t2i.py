@@ -262,6 +262,28 @@ def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary
     return sd, params
 
 
+def text_use(sd, params, images, captions, draws: int = 8, seed: int = 0) -> dict:
+    """How much the model uses its text: mean noise-prediction loss on ``images`` with their own
+    ``captions``, with the captions shuffled (rotated by one) and with the empty prompt, over the
+    same ``draws`` (latent sample, t, noise) draws. A model that ignores its text scores all three
+    alike; Textual Inversion then has nothing to steer."""
+    sched = sch.make_schedule(sd.scheduler)
+    vae = vae_lib.VAE(sd.vae, None)
+    x = jnp.asarray(images, jnp.float32)
+
+    @jax.jit
+    def loss(ids, key):
+        k_lat, k_noise, k_t = jax.random.split(key, 3)
+        z = vae_lib.encode(vae, params["vae"], x, k_lat)
+        return jnp.mean(common.latent_loss(sd, sched, params, z, ids, k_noise, k_t))
+
+    captions = list(captions)
+    prompts = {"caption": captions, "shuffled": captions[1:] + captions[:1], "empty": [""] * len(captions)}
+    keys = [jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(draws)]
+    return {name: float(np.mean([float(loss(jnp.asarray(sdm.tokenize(sd, p)), k)) for k in keys]))
+            for name, p in prompts.items()}
+
+
 def write_samples(sd, params, config, path: str):
     """A grid: one row of ``num_samples`` DDIM + CFG samples per prompt of ``config.sample_prompts``."""
     out = common.generate(sd, params, list(config.sample_prompts), n_per_prompt=int(config.num_samples),
@@ -272,4 +294,4 @@ def write_samples(sd, params, config, path: str):
 
 
 __all__ = ["ATTACK_PROMPTS", "build_tokenizer", "caption_words", "init_params", "load_tokenizer", "make_sd",
-           "make_t2i_step", "train_t2i", "write_samples"]
+           "make_t2i_step", "text_use", "train_t2i", "write_samples"]
