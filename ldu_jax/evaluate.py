@@ -148,9 +148,8 @@ class Metrics:
         else:
             load = lambda: face.load_face_model(backend)  # noqa: E731
         model = self._get("face", load)
-        try:  # the mini-world's model embeds a batch in one pass
-            m = (model.model.face_metrics(images, reference) if hasattr(model, "model")
-                 else face.face_metrics(images, reference, model=model))
+        try:
+            m = face.face_metrics(images, reference, model=model)
         except ValueError as e:  # e.g. no face in the reference photos
             raise Skip(str(e)) from None
         return {"fdfr": m["fdfr"], "ism": m["ism"], "fd_identity": m["fd"]}

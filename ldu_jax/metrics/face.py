@@ -52,6 +52,10 @@ class FaceModel:
         boxes = [b for b, _ in self.faces(img)]
         return np.asarray(boxes, np.int64).reshape(-1, 4)
 
+    def embed_batch(self, images) -> list:
+        """``embed`` of each image (models that embed a batch in one pass override this)."""
+        return [self.embed(img) for img in images]
+
     def embed(self, img: np.ndarray) -> np.ndarray | None:
         (img,) = as_images([img], 'img')
         found = self.faces(img)
@@ -158,12 +162,11 @@ def _model(model, backend):
 
 def embeddings(images, *, backend: str = 'dlib', model: FaceModel | None = None) -> list:
     """The largest face's embedding per image (None where no face is detected)."""
-    model = _model(model, backend)
-    return [model.embed(img) for img in as_images(images)]
+    return _model(model, backend).embed_batch(as_images(images))
 
 
 def _ref_embeddings(reference_images, model):
-    return [model.embed(r) for r in as_images(reference_images, 'reference_images')]
+    return model.embed_batch(as_images(reference_images, 'reference_images'))
 
 
 def _fdfr(embs) -> float:

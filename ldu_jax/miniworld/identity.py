@@ -292,11 +292,7 @@ class IdentityModel:
     def face_metrics(self, images, reference_images) -> dict:
         """``ldu_jax.metrics.face.face_metrics`` (fdfr, ism, fd, n, n_faces), each batch embedded in
         one pass. Raises ValueError when no reference image is detected as a face."""
-        def embs(imgs):
-            e, p = self.run(imgs)
-            return [x.astype(np.float64) if ok else None for x, ok in zip(e, p > self.threshold)]
-        refs = embs(reference_images)
-        return face_lib.metrics_from_embeddings(embs(images), refs)
+        return face_lib.face_metrics(images, reference_images, model=self.as_face_model())
 
     def as_face_model(self) -> face_lib.FaceModel:
         """This model as an ``ldu_jax.metrics.face.FaceModel`` (one 'face' box = the whole image)."""
@@ -318,6 +314,10 @@ class _FaceModelAdapter(face_lib.FaceModel):
 
     def _embed_face(self, img, embedding):
         return embedding
+
+    def embed_batch(self, images):
+        e, p = self.model.run(list(images))
+        return [x.astype(np.float64) if ok else None for x, ok in zip(e, p > self.model.threshold)]
 
 
 def load(workdir: str, step: int | None = None, batch_size: int = 32, threshold: float = 0.5) -> IdentityModel:

@@ -280,8 +280,8 @@ def text_use(sd, params, images, captions, draws: int = 8, seed: int = 0) -> dic
     captions = list(captions)
     prompts = {"caption": captions, "shuffled": captions[1:] + captions[:1], "empty": [""] * len(captions)}
     keys = [jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(draws)]
-    return {name: float(np.mean([float(loss(jnp.asarray(sdm.tokenize(sd, p)), k)) for k in keys]))
-            for name, p in prompts.items()}
+    ids = {name: jnp.asarray(sdm.tokenize(sd, p)) for name, p in prompts.items()}
+    return {name: float(np.mean([float(loss(t, k)) for k in keys])) for name, t in ids.items()}
 
 
 def write_samples(sd, params, config, path: str):
