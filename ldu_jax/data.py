@@ -5,9 +5,11 @@ Images are float32 HxWx3 arrays in [-1, 1]. Nothing here uses JAX or global stat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Callable, Iterator, Sequence
 
@@ -220,6 +222,18 @@ def to_uint8(array) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     return np.clip(np.rint((array.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest):
+    """``with atomic_dir(dest) as tmp:`` fill the folder ``tmp`` (``<dest>.tmp``, absent on entry);
+    on success it replaces ``dest``, on an exception ``dest`` is left as it was."""
+    dest = str(dest).rstrip("/")
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
 
 
 def save_image_atomic(path, array) -> None:

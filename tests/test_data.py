@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ldu_jax.data import (
-    DataError, ImageFolder, list_images, load_image, load_images, make_grid, report_bad,
+    DataError, ImageFolder, atomic_dir, list_images, load_image, load_images, make_grid, report_bad,
     save_image_atomic, synthetic_batches)
 
 SIZE = 8
@@ -191,6 +191,26 @@ def test_save_image_atomic_roundtrip(tmp_path):
     save_image_atomic(tmp_path / 'out' / 'f.jpg', img / 127.5 - 1.0)
     assert Image.open(tmp_path / 'out' / 'f.jpg').format == 'JPEG'
     assert sorted(p.name for p in (tmp_path / 'out').rglob('*')) == ['deep', 'f.jpg', 'x.png']
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    dest = tmp_path / 'models'
+    with atomic_dir(dest) as tmp:
+        assert tmp == str(tmp_path / 'models.tmp') and not (tmp_path / 'models.tmp').exists()
+        (tmp_path / 'models.tmp').mkdir()
+        (tmp_path / 'models.tmp' / 'a.txt').write_text('old')
+    assert (dest / 'a.txt').read_text() == 'old' and not (tmp_path / 'models.tmp').exists()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp_path / 'models.tmp').mkdir()
+            (tmp_path / 'models.tmp' / 'b.txt').write_text('new')
+            raise RuntimeError('killed half way')
+    assert sorted(p.name for p in dest.iterdir()) == ['a.txt']   # the old folder is intact
+    with atomic_dir(dest) as tmp:   # a leftover .tmp from the failed run is cleared first
+        assert not (tmp_path / 'models.tmp').exists()
+        (tmp_path / 'models.tmp').mkdir()
+        (tmp_path / 'models.tmp' / 'c.txt').write_text('newer')
+    assert sorted(p.name for p in dest.iterdir()) == ['c.txt']
 
 
 def test_make_grid():

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from ldu_jax import data as data_lib
 from ldu_jax.miniworld import MODELS, world
 
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
@@ -144,15 +145,12 @@ def export(workdir: str) -> str:
     their optimizer state, plus the manifest (written atomically)."""
     from ldu_jax import checkpoint as ckpt
     out = os.path.join(workdir, "export")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
-    for name, keys in EXPORT_KEYS.items():
-        ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys)
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(_manifest(workdir), f, indent=1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with data_lib.atomic_dir(out) as tmp:
+        shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
+        for name, keys in EXPORT_KEYS.items():
+            ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys)
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(_manifest(workdir), f, indent=1)
     return out
 
 
@@ -161,11 +159,8 @@ def install(workdir: str, dest: str = MODELS) -> str:
     src = os.path.join(workdir, "export")
     if not os.path.isfile(os.path.join(src, "manifest.json")):
         raise FileNotFoundError(f"{src} is not a finished export (run the build's export stage first)")
-    tmp = dest.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with data_lib.atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp)
     return dest
 
 

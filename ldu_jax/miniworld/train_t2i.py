@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -71,22 +70,19 @@ def build_tokenizer(texts, out_dir: str, max_length: int, base_words=True):
     alphabet = mtt._byte_alphabet()
     tokens = alphabet + [c + mtt.EOW for c in alphabet] + [a + b for a, b in merges] + list(mtt.SPECIAL)
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False, indent=0)
-    with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        f.writelines(f"{a} {b}\n" for a, b in merges)
-    tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                        model_max_length=int(max_length))
-    bad = [w for w in words if len(tok.tokenize(w)) != 1]
-    if bad:
-        raise RuntimeError(f"tokenizer: {len(bad)} words are not single tokens, e.g. {bad[:5]}")
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with data_lib.atomic_dir(out_dir) as tmp:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False, indent=0)
+        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            f.writelines(f"{a} {b}\n" for a, b in merges)
+        tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                            model_max_length=int(max_length))
+        bad = [w for w in words if len(tok.tokenize(w)) != 1]
+        if bad:
+            raise RuntimeError(f"tokenizer: {len(bad)} words are not single tokens, e.g. {bad[:5]}")
+        tok.save_pretrained(tmp)
     return load_tokenizer(out_dir, max_length)
 
 
@@ -132,7 +128,8 @@ def make_sd(config, vae: vae_lib.VAE, tok) -> sdm.SD:
     te = FlaxCLIPTextModel(text_config(config.model.text, tok), _do_init=False)
     unet = FlaxUNet2DConditionModel.from_config(
         unet_config(config.model.unet, resolution // vae.factor, config.model.text.hidden_size))
-    return sdm.SD(vae.module, unet, te, tok, dict(sdm.SCHEDULER_DEFAULTS), resolution)
+    scheduler = {**sdm.SCHEDULER_DEFAULTS, **dict(config.get("scheduler", {}))}
+    return sdm.SD(vae.module, unet, te, tok, scheduler, resolution)
 
 
 def init_params(sd: sdm.SD, key) -> dict:
@@ -251,11 +248,8 @@ def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary
     final = jax.device_get(state.params_ema if config.ema > 0 else state.params)
     params = {"vae": jax.device_get(vae.params), **final}
     out = os.path.join(workdir, "sd")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    sdm.save_sd(sd, params, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with data_lib.atomic_dir(out) as tmp:
+        sdm.save_sd(sd, params, tmp)
     log(f"t2i: wrote {out}")
     if config.num_samples and config.sample_prompts and jax.process_index() == 0:
         write_samples(sd, params, config, os.path.join(workdir, "samples", f"step_{int(state.step)}.png"))
