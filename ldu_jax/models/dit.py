@@ -128,6 +128,29 @@ class MlpBlock(nn.Module):
         return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
 
+class HeadDense(nn.Module):
+    """A ``Dense(heads * head_dim)`` (same ``kernel`` [in, out] and ``bias`` params) whose output,
+    or with ``to_heads=False`` whose input, is laid out heads-major [B, heads, T, head_dim]: the
+    attention's batched matmuls then need no transposes (about 5% of a DiT-S block on CPU)."""
+
+    features: int
+    num_heads: int
+    to_heads: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_dim = x.shape[-1] * (1 if self.to_heads else x.shape[1])
+        kernel = self.param("kernel", xavier_uniform_torchlike, (in_dim, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        d = (self.features if self.to_heads else in_dim) // self.num_heads
+        if self.to_heads:   # [B, T, C] -> [B, heads, T, d]
+            y = jnp.einsum("btc,chd->bhtd", x, kernel.reshape(in_dim, self.num_heads, d))
+            return y + bias.reshape(self.num_heads, 1, d)
+        return jnp.einsum("bhtd,hdc->btc", x, kernel.reshape(self.num_heads, d, self.features)) + bias
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block."""
 
@@ -146,19 +169,23 @@ class DiTBlock(nn.Module):
 
         xm = modulate(_layer_norm(dt, "LayerNorm_0")(x), shift_msa, scale_msa)
         heads, d = self.num_heads, h // self.num_heads
-        split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, d)  # noqa: E731
-        k = split(_dense(h, dt, "Dense_1")(xm))
-        q = split(_dense(h, dt, "Dense_2")(xm))
-        v = split(_dense(h, dt, "Dense_3")(xm))
         if self.attention == "xla":
+            split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, d)  # noqa: E731
+            k = split(_dense(h, dt, "Dense_1")(xm))
+            q = split(_dense(h, dt, "Dense_2")(xm))
+            v = split(_dense(h, dt, "Dense_3")(xm))
             y = jax.nn.dot_product_attention(q, k, v, scale=1.0 / d)
-        elif self.attention == "einsum":
-            w = jnp.einsum("bqhc,bkhc->bhqk", q / d, k).astype(jnp.float32)
+            y = _dense(h, dt, "Dense_4")(y.reshape(x.shape))
+        elif self.attention == "einsum":   # heads-major [B, heads, T, d] throughout
+            k = HeadDense(h, heads, dtype=dt, name="Dense_1")(xm)
+            q = HeadDense(h, heads, dtype=dt, name="Dense_2")(xm)
+            v = HeadDense(h, heads, dtype=dt, name="Dense_3")(xm)
+            w = jnp.einsum("bhqc,bhkc->bhqk", q / d, k).astype(jnp.float32)
             w = nn.softmax(w, axis=-1)
-            y = jnp.einsum("bhqk,bkhc->bqhc", w, v)
+            y = jnp.einsum("bhqk,bhkc->bhqc", w, v)
+            y = HeadDense(h, heads, to_heads=False, dtype=dt, name="Dense_4")(y)
         else:
             raise ValueError(f"model.attention must be 'einsum' or 'xla', got {self.attention!r}")
-        y = _dense(h, dt, "Dense_4")(y.reshape(x.shape))
         x = x + gate_msa[:, None] * y
 
         xm = modulate(_layer_norm(dt, "LayerNorm_1")(x), shift_mlp, scale_mlp)
