@@ -3,7 +3,10 @@ with a cross-attention UNet on the 16x16x4 latents of the mini-world VAE (config
 SD's epsilon loss and DDPM schedule, caption dropout for classifier-free guidance
 (ldu_jax/miniworld/train_t2i.py).
 
-    get_config()          the real run
+    get_config()          the real run (the shipped t2i)
+    get_config('scene')   the recipe under test for a t2i that uses its text: scene captions (skin,
+                          shirt, background named), v-prediction, the text encoder frozen at its
+                          random initialisation (trained jointly it collapsed to a constant), 6000 steps
     get_config('test')    tiny widths and a handful of steps (tests)
 """
 import ml_collections
@@ -24,6 +27,9 @@ def get_config(arg: str = ""):
     c.ema = 0.995                    # EMA of the weights (with diffusers' warm-up); 0: save the live weights
     c.vocab_batches = 200            # batches whose captions make the tokenizer (when no vocabulary is given)
     c.base_words = True              # also make the tiny tokenizer's prompt words single tokens
+    c.scene_captions = False         # world.caption(..., scene=True): also skin, shirt and background
+    c.text_lr_scale = 1.0            # the text encoder's learning rate / the UNet's (0: frozen)
+    c.scheduler = ml_collections.ConfigDict(dict(prediction_type="epsilon"))   # over SD's DDPM defaults
     c.model = ml_collections.ConfigDict(dict(
         text=ml_collections.ConfigDict(dict(
             hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
@@ -47,7 +53,14 @@ def get_config(arg: str = ""):
     c.num_samples = 4
     c.sample_steps = 25
     c.guidance = 5.0
-    if arg == "test":
+    if arg == "scene":
+        c.scene_captions = True
+        c.text_lr_scale = 0.0
+        c.scheduler.prediction_type = "v_prediction"
+        c.model.text.max_length = 48   # scene captions run to ~40 tokens
+        c.max_steps = 6000
+        c.save_every = 500
+    elif arg == "test":
         c.batch_size = 8
         c.max_steps = 30
         c.log_every = 5
@@ -61,5 +74,5 @@ def get_config(arg: str = ""):
                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), num_heads=2)
         c.optim.update(lr=1e-3, warmup=0)
     elif arg:
-        raise ValueError(f"unknown miniworld_t2i config variant {arg!r} (use '' or 'test')")
+        raise ValueError(f"unknown miniworld_t2i config variant {arg!r} (use '', 'scene' or 'test')")
     return c

@@ -151,3 +151,39 @@ def test_t2i_bundle_generates(t2i_run):
                           guidance=3.0, seed=0, batch=1)
     img = out["a photo of a person with red hair"]
     assert img.shape == (1, 64, 64, 3) and img.dtype == np.uint8 and img.std() > 0
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_t2i_optimizer_scales_or_freezes_the_text_encoder(scale):
+    from ldu_jax.miniworld.train_t2i import t2i_optimizer
+    c = miniworld_t2i.get_config("test")
+    c.text_lr_scale = scale
+    c.optim.weight_decay = 0.5            # a frozen encoder must not decay either
+    tx, _ = t2i_optimizer(c)
+    params = {"unet": {"w": jnp.ones((3,))}, "text_encoder": {"emb": jnp.ones((2, 2)), "b": jnp.ones((2,))}}
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    state = tx.init(params)
+    new = params
+    for _ in range(3):
+        updates, state = tx.update(grads, state, new)
+        new = jax.tree_util.tree_map(lambda p, u: p + u, new, updates)
+    unet_moved = float(jnp.abs(new["unet"]["w"] - 1).max())
+    text_moved = float(jnp.abs(new["text_encoder"]["emb"] - 1).max())
+    assert unet_moved > 0
+    if scale == 0:
+        assert text_moved == 0 and float(jnp.abs(new["text_encoder"]["b"] - 1).max()) == 0
+    else:
+        np.testing.assert_allclose(text_moved, scale * unet_moved, rtol=1e-2)   # f32 rounding near 1
+
+
+def test_t2i_scene_recipe_config():
+    c = miniworld_t2i.get_config("scene")
+    assert c.scene_captions and c.text_lr_scale == 0 and c.scheduler.prediction_type == "v_prediction"
+    from ldu_jax.miniworld import world
+    from ldu_jax.miniworld.build import configs
+    assert configs("scene")["t2i"].scene_captions and not configs("full")["t2i"].scene_captions
+    longest = max(len(world.words(world.caption(i, v, scene=True)))
+                  for i in world.train_identities(200) for v in range(3))
+    assert longest + 2 <= c.model.text.max_length     # + BOS / EOS: scene captions are never truncated
+    with pytest.raises(ValueError, match="profile"):
+        configs("nope")

@@ -83,6 +83,37 @@ def test_captions_name_only_present_attributes():
     assert {"glasses", "hat", "beard", "hair", "eyes"} <= mentioned  # the captions do name things
 
 
+def test_scene_captions_name_skin_shirt_and_background_and_keep_the_rest():
+    vocab = set(world.vocabulary(scene=True))
+    assert set(world.vocabulary()) < vocab
+    for name, rgb in world.COLOUR_NAMES.items():
+        assert world.colour_name(rgb) == name
+    seen = set()
+    for ident in world.train_identities(60, seed=5):
+        for v in range(3):
+            plain, text = world.caption(ident, v), world.caption(ident, v, scene=True)
+            w = world.words(text)
+            assert set(w) <= vocab, text
+            var = world.make_variant(ident, v)
+            if "shirt" in w:
+                assert f"in a {world.colour_name(ident.shirt)} shirt" in text, text
+            if "background" in w:
+                seen.add(var.background)
+                assert f"on a {world.colour_name(var.bg_colours[0])} " in text, text
+                if var.background != "flat":
+                    assert f"and {world.colour_name(var.bg_colours[1])} " in text, text
+            if "skin" in w:
+                assert w[w.index("skin") - 1] == world.skin_word(ident), text
+            # the scene phrases are added to the plain caption's, drawn from an RNG of their own
+            stripped = text.split(", in a ")[0].split(", on a ")[0]
+            stripped = stripped.replace(f"{world.skin_word(ident)} skin, ", "").replace(
+                f" and {world.skin_word(ident)} skin", "").replace(f"with {world.skin_word(ident)} skin and ", "with ")
+            if stripped.endswith(f" with {world.skin_word(ident)} skin"):
+                stripped = stripped[: -len(f" with {world.skin_word(ident)} skin")]
+            assert stripped == plain, (plain, text)
+    assert seen == {"flat", "gradient", "stripes", "blotches"}
+
+
 # -------------------------------------------------------------------------------- files
 
 def _listing(root):

@@ -30,28 +30,31 @@ import numpy as np
 from ldu_jax import data as data_lib
 from ldu_jax.miniworld import MODELS, world
 
+PROFILES = ("full", "scene", "test")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
 # what each shipped checkpoint keeps of its training state (the loaders read exactly these)
 EXPORT_KEYS = {"shortcut": ("params_ema",), "identity": ("params",), "rho": ("rho",)}
 
 
 def configs(profile: str = "full") -> dict:
-    """The stage configs of a profile ('full': the shipped models; 'test': tiny, seconds)."""
+    """The stage configs of a profile ('full': the shipped models; 'scene': 'full' with the t2i
+    recipe under test, ``configs/miniworld_t2i.py:scene``; 'test': tiny, seconds)."""
     from configs import ldu_miniworld, miniworld_identity, miniworld_shortcut, miniworld_t2i, miniworld_vae
-    if profile not in ("full", "test"):
-        raise ValueError(f"unknown profile {profile!r}; 'full' or 'test'")
-    arg = "" if profile == "full" else "test"
-    c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config(arg),
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
+    arg = "test" if profile == "test" else ""
+    c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config("scene" if profile == "scene" else arg),
          "identity": miniworld_identity.get_config(arg), "shortcut": miniworld_shortcut.get_config(arg),
          "rho": ldu_miniworld.get_config(arg)}
-    c["data"] = {"n_train": 512, "per_identity": 8, "n_heldout": 8} if profile == "full" else \
+    c["data"] = {"n_train": 512, "per_identity": 8, "n_heldout": 8} if profile != "test" else \
         {"n_train": 8, "per_identity": 2, "n_heldout": 2}
     return c
 
 
-def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64):
+def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64, scene: bool = False):
     """``start_step -> iterator`` of (images [B, size, size, 3] in [-1, 1], captions): random training
-    identities and fresh variants, batch k a function of (seed, k) only (so a resumed run continues)."""
+    identities and fresh variants, batch k a function of (seed, k) only (so a resumed run continues).
+    ``scene``: scene captions (``world.caption``)."""
     idents = world.train_identities(n_identities, 0)
 
     def batches(start: int):
@@ -61,7 +64,7 @@ def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64)
             who = rng.integers(0, len(idents), batch_size)
             var = rng.integers(0, 10 ** 6, batch_size)
             yield (world.render_batch([idents[i] for i in who], var, size),
-                   [world.caption(idents[i], v) for i, v in zip(who, var)])
+                   [world.caption(idents[i], v, scene) for i, v in zip(who, var)])
             step += 1
     return batches
 
@@ -115,12 +118,14 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
         elif stage == "t2i":
             from ldu_jax.miniworld.train_t2i import train_t2i
             from ldu_jax.miniworld.train_t2i import text_use
-            sd, params = train_t2i(c, p("t2i"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed + 1),
-                                   p("vae", "vae"), log=log, vocabulary=world.vocabulary())
+            scene = bool(c.scene_captions)
+            sd, params = train_t2i(c, p("t2i"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed + 1,
+                                                              scene=scene),
+                                   p("vae", "vae"), log=log, vocabulary=world.vocabulary(scene))
             out = p("t2i", "sd")
             held = world.heldout_identities(32)
             info["text_use"] = text_use(sd, params, world.render_batch(held, np.arange(32), sd.resolution),
-                                        [world.caption(h, v) for v, h in enumerate(held)])
+                                        [world.caption(h, v, scene) for v, h in enumerate(held)])
             log(f"[t2i] loss on held-out portraits with captions / shuffled / empty: {info['text_use']}")
         elif stage == "shortcut":
             from ldu_jax.shortcut import run as shortcut_run
@@ -177,7 +182,8 @@ if __name__ == "__main__":
 
     from ldu_jax import cli
     flags.DEFINE_string("workdir", None, "where the world and its models are built", required=True)
-    flags.DEFINE_enum("profile", "full", ["full", "test"], "full: the shipped models; test: tiny, seconds")
+    flags.DEFINE_enum("profile", "full", list(PROFILES),
+                      "full: the shipped models; scene: full with the t2i recipe under test; test: tiny, seconds")
     flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated subset of " + ",".join(STAGES))
     flags.DEFINE_bool("install", False, "copy <workdir>/export into the package (the shipped default models)")
     cli.run(_main, user_errors=(ValueError,))

@@ -138,6 +138,22 @@ def init_params(sd: sdm.SD, key) -> dict:
             "text_encoder": sdm._plain(sd.text_encoder.init_weights(k_te, (1, sd.tokenizer.model_max_length)))}
 
 
+def t2i_optimizer(config):
+    """(optax transform, lr schedule): ``config.optim`` for the UNet; the text encoder's updates
+    scaled by ``config.text_lr_scale`` (0: frozen at its random initialisation, as SD's CLIP is
+    frozen; weight decay then does not touch it either)."""
+    tx, schedule = make_optimizer(config.optim, config.max_steps)
+    scale = float(config.get("text_lr_scale", 1.0))
+    if scale == 1.0:
+        return tx, schedule
+    if scale == 0:   # the UNet's transform (and its gradient clipping) sees only the UNet
+        labels = lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
+        return optax.multi_transform({"unet": tx, "text_encoder": optax.set_to_zero()}, labels), schedule
+    mask = lambda params: {k: jax.tree_util.tree_map(lambda _: k == "text_encoder", v)  # noqa: E731
+                           for k, v in params.items()}
+    return optax.chain(tx, optax.masked(optax.scale(scale), mask)), schedule
+
+
 # ----------------------------------------------------------------------------- step
 
 def make_t2i_step(sd: sdm.SD, tx, schedule, config):
@@ -207,7 +223,7 @@ def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary
 
     mesh = parallel.batch_mesh(config.batch_size)
     rep, dsh = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    tx, schedule = make_optimizer(config.optim, config.max_steps)
+    tx, schedule = t2i_optimizer(config)
 
     def init_fn(key):
         params = init_params(sd, key)
@@ -288,4 +304,4 @@ def write_samples(sd, params, config, path: str):
 
 
 __all__ = ["ATTACK_PROMPTS", "build_tokenizer", "caption_words", "init_params", "load_tokenizer", "make_sd",
-           "make_t2i_step", "text_use", "train_t2i", "write_samples"]
+           "make_t2i_step", "t2i_optimizer", "text_use", "train_t2i", "write_samples"]

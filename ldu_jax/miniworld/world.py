@@ -10,7 +10,10 @@ stripes, blotches) and sensor noise; the variant number seeds those draws, so th
 one-pixel coverage ramp (anti-aliased without supersampling), in numpy.
 
 ``caption(identity, variant)`` names attributes that are visible ("a photo of a person with short
-red hair and glasses"); ``vocabulary()`` lists every word a caption or an attack prompt can use.
+red hair and glasses"); ``caption(..., scene=True)`` also names the skin tone, the shirt's colour
+and the background ("..., in a blue shirt, on a green and pink striped background"), which carry
+most of an image's variance; ``vocabulary(scene)`` lists every word a caption or an attack prompt
+can use.
 
 Files: ``write_training_set`` (images, ``captions.jsonl`` with identity labels, ``identities.json``)
 and ``write_heldout_subjects`` (the Anti-DreamBooth layout ``<root>/<subject>/set_A|set_B|set_C``)
@@ -420,8 +423,9 @@ def _hair_phrase(ident: Identity) -> str | None:
     return f"{style} {colour} hair"
 
 
-def caption(identity: Identity, variant: int = 0) -> str:
-    """A caption naming visible attributes of this photo; which ones varies with ``variant``."""
+def caption(identity: Identity, variant: int = 0, scene: bool = False) -> str:
+    """A caption naming visible attributes of this photo; which ones varies with ``variant``.
+    ``scene``: also skin tone, shirt colour and background (the same draws otherwise)."""
     r = np.random.default_rng([0xCA, identity.seed, int(variant)])
     var = make_variant(identity, variant)
     phrases = []
@@ -441,9 +445,48 @@ def caption(identity: Identity, variant: int = 0) -> str:
         phrases.append("an open mouth")
     who = "smiling person" if var.expression == "smile" and r.uniform() < 0.5 else "person"
     text = f"{_PREFIXES[int(r.integers(len(_PREFIXES)))]} {who}"
+    suffix = ""
+    if scene:
+        skin, suffix = _scene_phrases(identity, variant)
+        phrases = ([skin] if skin else []) + phrases
     if phrases:
         text += " with " + (phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1])
-    return text
+    return text + suffix
+
+
+#: Colour words of scene captions, with the RGB each one names (nearest wins).
+COLOUR_NAMES = {"black": (0.1, 0.1, 0.1), "white": (0.95, 0.95, 0.95), "grey": (0.55, 0.55, 0.55),
+                "red": (0.8, 0.15, 0.15), "orange": (0.95, 0.55, 0.1), "yellow": (0.95, 0.85, 0.2),
+                "green": (0.2, 0.65, 0.25), "teal": (0.1, 0.55, 0.55), "blue": (0.2, 0.35, 0.85),
+                "purple": (0.5, 0.25, 0.7), "pink": (0.95, 0.5, 0.7), "brown": (0.5, 0.3, 0.15)}
+SKIN_WORDS = ("pale", "fair", "light", "medium", "olive", "tan", "brown", "dark")   # SKIN_TONES' order
+_BACKGROUND_WORDS = {"gradient": "gradient", "stripes": "striped", "blotches": "blotchy"}
+
+
+def colour_name(rgb) -> str:
+    """The word of ``COLOUR_NAMES`` nearest to an RGB colour in [0, 1]."""
+    names = list(COLOUR_NAMES)
+    d = np.sum((np.asarray(list(COLOUR_NAMES.values())) - np.asarray(rgb, np.float64)) ** 2, axis=1)
+    return names[int(np.argmin(d))]
+
+
+def skin_word(identity: Identity) -> str:
+    return SKIN_WORDS[int(np.argmin(np.sum((SKIN_TONES - np.asarray(identity.skin)) ** 2, axis=1)))]
+
+
+def _scene_phrases(identity: Identity, variant: int) -> tuple[str | None, str]:
+    """(a skin phrase or None, the suffix naming shirt and background) of a scene caption."""
+    r = np.random.default_rng([0x5C, identity.seed, int(variant)])
+    var = make_variant(identity, variant)
+    skin = f"{skin_word(identity)} skin" if r.uniform() < 0.7 else None
+    suffix = f", in a {colour_name(identity.shirt)} shirt" if r.uniform() < 0.8 else ""
+    if r.uniform() < 0.9:
+        c0 = colour_name(var.bg_colours[0])
+        if var.background == "flat":
+            suffix += f", on a {c0} background"
+        else:
+            suffix += f", on a {c0} and {colour_name(var.bg_colours[1])} {_BACKGROUND_WORDS[var.background]} background"
+    return skin, suffix
 
 
 def words(text: str) -> list[str]:
@@ -451,12 +494,16 @@ def words(text: str) -> list[str]:
     return text.replace(",", " , ").split()
 
 
-def vocabulary() -> list[str]:
-    """Every word a caption or one of ``PROMPTS`` can contain, sorted (',' included)."""
+def vocabulary(scene: bool = False) -> list[str]:
+    """Every word a caption (``scene`` ones with ``scene``) or one of ``PROMPTS`` can contain,
+    sorted (',' included)."""
     parts = list(PROMPTS) + list(_PREFIXES) + ["smiling person with , and", "a bald head", "hair in a bun",
                                                "glasses sunglasses a hat earrings", "eyes an open mouth",
                                                "a mole freckles a scar a beard"]
     parts += list(HAIR_COLOURS) + list(HAIR_STYLES) + list(EYE_COLOURS)
+    if scene:
+        parts += list(COLOUR_NAMES) + list(SKIN_WORDS) + list(_BACKGROUND_WORDS.values())
+        parts += ["skin , in a shirt , on a background"]
     return sorted({w for p in parts for w in words(p)})
 
 
