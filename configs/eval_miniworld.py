@@ -21,7 +21,9 @@ def get_config():
     c.rho_dataset = ""
     c.methods = ("none", "ldu", "ldu-opt", "advdm", "aspl", "photoguard", "mist", "sds", "pid")
     c.method_configs = {**c.method_configs, "ldu": "configs/ldu_miniworld.py", "ldu-opt": "configs/ldu_miniworld.py"}
-    pgd = {"eps": 8 / 255, "step_size": 1 / 255, "steps": 50}   # L-inf 8/255 (PSNR ~30-31 dB here; LDU: MSE, 36 dB)
+    # The default budget is PSNR >= 36 dB for every method: an L-inf ball of 4/255 gives ~36 dB
+    # (8/255, the published baselines' usual budget, measured 30-31 dB on these portraits).
+    pgd = {"eps": 4 / 255, "step_size": 0.5 / 255, "steps": 50}
     c.method_overrides = {"ldu": {}, "ldu-opt": {},
                           **{m: dict(pgd) for m in ("advdm", "photoguard", "mist", "sds", "sds-", "pid", "fsmg")},
                           "aspl": {**pgd, "steps": 6, "rounds": 10}}
