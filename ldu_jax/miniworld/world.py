@@ -447,7 +447,7 @@ def caption(identity: Identity, variant: int = 0, scene: bool = False) -> str:
     text = f"{_PREFIXES[int(r.integers(len(_PREFIXES)))]} {who}"
     suffix = ""
     if scene:
-        skin, suffix = _scene_phrases(identity, variant)
+        skin, suffix = _scene_phrases(identity, variant, var)
         phrases = ([skin] if skin else []) + phrases
     if phrases:
         text += " with " + (phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1])
@@ -474,10 +474,9 @@ def skin_word(identity: Identity) -> str:
     return SKIN_WORDS[int(np.argmin(np.sum((SKIN_TONES - np.asarray(identity.skin)) ** 2, axis=1)))]
 
 
-def _scene_phrases(identity: Identity, variant: int) -> tuple[str | None, str]:
+def _scene_phrases(identity: Identity, variant: int, var: Variant) -> tuple[str | None, str]:
     """(a skin phrase or None, the suffix naming shirt and background) of a scene caption."""
     r = np.random.default_rng([0x5C, identity.seed, int(variant)])
-    var = make_variant(identity, variant)
     skin = f"{skin_word(identity)} skin" if r.uniform() < 0.7 else None
     suffix = f", in a {colour_name(identity.shirt)} shirt" if r.uniform() < 0.8 else ""
     if r.uniform() < 0.9:
