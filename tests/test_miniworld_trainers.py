@@ -176,14 +176,34 @@ def test_t2i_optimizer_scales_or_freezes_the_text_encoder(scale):
         np.testing.assert_allclose(text_moved, scale * unet_moved, rtol=1e-2)   # f32 rounding near 1
 
 
-def test_t2i_scene_recipe_config():
-    c = miniworld_t2i.get_config("scene")
+def test_t2i_default_recipe_uses_scene_captions_v_prediction_and_a_frozen_text_encoder():
+    c = miniworld_t2i.get_config()
     assert c.scene_captions and c.text_lr_scale == 0 and c.scheduler.prediction_type == "v_prediction"
+    old = miniworld_t2i.get_config("attributes")      # the first recipe, kept for the README's diagnosis
+    assert not old.scene_captions and old.text_lr_scale == 1 and old.scheduler.prediction_type == "epsilon"
     from ldu_jax.miniworld import world
     from ldu_jax.miniworld.build import configs
-    assert configs("scene")["t2i"].scene_captions and not configs("full")["t2i"].scene_captions
+    assert configs("full")["t2i"].scene_captions and configs("test")["t2i"].scene_captions
     longest = max(len(world.words(world.caption(i, v, scene=True)))
                   for i in world.train_identities(200) for v in range(3))
     assert longest + 2 <= c.model.text.max_length     # + BOS / EOS: scene captions are never truncated
     with pytest.raises(ValueError, match="profile"):
-        configs("nope")
+        configs("scene")
+    with pytest.raises(ValueError, match="variant"):
+        miniworld_t2i.get_config("scene")
+
+
+def test_t2i_export_bundle_writes_a_checkpoint_as_the_bundle(vae_run, t2i_run, tmp_path):
+    from ldu_jax.miniworld.train_t2i import export_bundle
+    c, workdir, _, _ = t2i_run
+    vae_dir, out = os.path.join(vae_run[1], "vae"), str(tmp_path / "bundle")
+    sd_ref, ref = sdm.load_sd(os.path.join(workdir, "sd"))
+    assert export_bundle(c, workdir, vae_dir, out) == STEPS     # the latest: the run's final EMA weights
+    sd, params = sdm.load_sd(out)
+    assert sd.tokenizer.get_vocab() == sd_ref.tokenizer.get_vocab()
+    for part in ("unet", "text_encoder", "vae"):
+        for a, b in zip(jax.tree_util.tree_leaves(params[part]), jax.tree_util.tree_leaves(ref[part])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="not a t2i run"):
+        export_bundle(c, str(tmp_path), vae_dir, str(tmp_path / "b2"))
+    assert not os.path.exists(tmp_path / "b2")

@@ -30,20 +30,19 @@ import numpy as np
 from ldu_jax import data as data_lib
 from ldu_jax.miniworld import MODELS, world
 
-PROFILES = ("full", "scene", "test")
+PROFILES = ("full", "test")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
 # what each shipped checkpoint keeps of its training state (the loaders read exactly these)
 EXPORT_KEYS = {"shortcut": ("params_ema",), "identity": ("params",), "rho": ("rho",)}
 
 
 def configs(profile: str = "full") -> dict:
-    """The stage configs of a profile ('full': the shipped models; 'scene': 'full' with the t2i
-    recipe under test, ``configs/miniworld_t2i.py:scene``; 'test': tiny, seconds)."""
+    """The stage configs of a profile ('full': the shipped models; 'test': tiny, seconds)."""
     from configs import ldu_miniworld, miniworld_identity, miniworld_shortcut, miniworld_t2i, miniworld_vae
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
     arg = "test" if profile == "test" else ""
-    c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config("scene" if profile == "scene" else arg),
+    c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config(arg),
          "identity": miniworld_identity.get_config(arg), "shortcut": miniworld_shortcut.get_config(arg),
          "rho": ldu_miniworld.get_config(arg)}
     c["data"] = {"n_train": 512, "per_identity": 8, "n_heldout": 8} if profile != "test" else \
@@ -183,7 +182,7 @@ if __name__ == "__main__":
     from ldu_jax import cli
     flags.DEFINE_string("workdir", None, "where the world and its models are built", required=True)
     flags.DEFINE_enum("profile", "full", list(PROFILES),
-                      "full: the shipped models; scene: full with the t2i recipe under test; test: tiny, seconds")
+                      "full: the shipped models; test: tiny, seconds")
     flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated subset of " + ",".join(STAGES))
     flags.DEFINE_bool("install", False, "copy <workdir>/export into the package (the shipped default models)")
     cli.run(_main, user_errors=(ValueError,))

@@ -262,14 +262,38 @@ def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary
                                 save_every=config.save_every, batch_size=config.batch_size, desc="t2i")
 
     final = jax.device_get(state.params_ema if config.ema > 0 else state.params)
-    params = {"vae": jax.device_get(vae.params), **final}
-    out = os.path.join(workdir, "sd")
-    with data_lib.atomic_dir(out) as tmp:
-        sdm.save_sd(sd, params, tmp)
-    log(f"t2i: wrote {out}")
+    params = write_bundle(sd, jax.device_get(vae.params), final, os.path.join(workdir, "sd"))
+    log(f"t2i: wrote {os.path.join(workdir, 'sd')}")
     if config.num_samples and config.sample_prompts and jax.process_index() == 0:
         write_samples(sd, params, config, os.path.join(workdir, "samples", f"step_{int(state.step)}.png"))
     return sd, params
+
+
+def write_bundle(sd, vae_params, params, out: str) -> dict:
+    """Write text encoder + UNet ``params`` with the VAE's as the diffusers bundle ``out``
+    (atomically); returns the bundle's params."""
+    params = {"vae": vae_params, **params}
+    with data_lib.atomic_dir(out) as tmp:
+        sdm.save_sd(sd, params, tmp)
+    return params
+
+
+def export_bundle(config, workdir: str, vae_dir: str, out: str, step: int | None = None) -> int:
+    """Write the checkpoint of the t2i run ``workdir`` at ``step`` (default: the latest; EMA weights
+    unless ``config.ema`` is 0) as a diffusers bundle ``out``, e.g. to evaluate a run that has not
+    finished. Returns the step written."""
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+        raise FileNotFoundError(f"{workdir} is not a t2i run: no {tok_dir}/vocab.json")
+    vae = vae_lib.load_vae(vae_dir)
+    sd = make_sd(config, vae, load_tokenizer(tok_dir, config.model.text.max_length))
+    if step is None:
+        step = ckpt.make_manager(workdir).latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}")
+    params, _ = ckpt.restore_params(workdir, ema=config.ema > 0, step=int(step))
+    write_bundle(sd, vae.params, {k: params[k] for k in ("text_encoder", "unet")}, out)
+    return int(step)
 
 
 def text_use(sd, params, images, captions, draws: int = 8, seed: int = 0) -> dict:
@@ -303,5 +327,5 @@ def write_samples(sd, params, config, path: str):
     return path
 
 
-__all__ = ["ATTACK_PROMPTS", "build_tokenizer", "caption_words", "init_params", "load_tokenizer", "make_sd",
-           "make_t2i_step", "t2i_optimizer", "text_use", "train_t2i", "write_samples"]
+__all__ = ["ATTACK_PROMPTS", "build_tokenizer", "caption_words", "export_bundle", "init_params", "load_tokenizer",
+           "make_sd", "make_t2i_step", "t2i_optimizer", "text_use", "train_t2i", "write_bundle", "write_samples"]
