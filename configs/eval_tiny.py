@@ -28,6 +28,8 @@ def get_config():
     c.num_samples = 4              # generated images per validation prompt
     c.keep_attack_models = False   # delete each cell's fine-tuned model and checkpoints when it is measured
     # metrics
+    c.ism_others = True            # also ISM of the samples against the other subjects' photos: the
+                                   # level of an attack that did not learn the person (column ISM(others))
     c.face_backend = "dlib"        # 'dlib' (offline, PyPI), 'arcface' (deepface / insightface installed),
                                    # or 'miniworld:<identity work dir>' (the mini-world's identity model)
     c.fid_weights = ""             # pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth) or converted

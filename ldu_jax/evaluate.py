@@ -36,11 +36,11 @@ from PIL import Image
 from ldu_jax import data as data_lib
 
 COLUMNS = ("subject", "method", "setting", "attack", "status", "reason", "n_protected", "psnr", "ssim",
-           "linf", "fid_protected", "n_generated", "fdfr", "ism", "fd_identity", "brisque", "clip_iqa",
+           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "fd_identity", "brisque", "clip_iqa",
            "fid_generated", "seconds", "notes")
 # (column, label, higher is better for the protection?)
 TABLE_METRICS = (("psnr", "PSNR↑", None), ("ssim", "SSIM↑", None), ("fid_protected", "FID(prot)↓", None),
-                 ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False),
+                 ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False), ("ism_others", "ISM(others)", None),
                  ("fd_identity", "FD(id)↑", True), ("brisque", "BRISQUE↑", True),
                  ("clip_iqa", "CLIP-IQA↓", False), ("fid_generated", "FID(gen)↑", True))
 SETS = ("set_A", "set_B", "set_C")
@@ -139,7 +139,7 @@ class Metrics:
         return fid.fid(p, np.stack(_same_size(images_a)), np.stack(_same_size(images_b)),
                        batch_size=self.cfg.fid_batch)
 
-    def face(self, images, reference):
+    def face(self, images, reference, others=()):
         from ldu_jax.metrics import face
         backend = self.cfg.face_backend
         if backend.startswith("miniworld:"):  # the mini-world's identity model (a build's identity/ dir)
@@ -149,10 +149,11 @@ class Metrics:
             load = lambda: face.load_face_model(backend)  # noqa: E731
         model = self._get("face", load)
         try:
-            m = face.face_metrics(images, reference, model=model)
+            m = face.face_metrics(images, reference, model=model, others=others)
         except ValueError as e:  # e.g. no face in the reference photos
             raise Skip(str(e)) from None
-        return {"fdfr": m["fdfr"], "ism": m["ism"], "fd_identity": m["fd"]}
+        return {"fdfr": m["fdfr"], "ism": m["ism"], "fd_identity": m["fd"],
+                **({"ism_others": m["ism_others"]} if others else {})}
 
     def brisque(self, images):
         from ldu_jax.metrics import quality
@@ -203,10 +204,11 @@ def imperceptibility(clean_dir: str, protected_dir: str, metrics: Metrics) -> di
     return out
 
 
-def generation_metrics(generated, reference, metrics: Metrics) -> dict:
-    """Protection metrics of the attack's generated images against the person's clean photos."""
+def generation_metrics(generated, reference, metrics: Metrics, others=()) -> dict:
+    """Protection metrics of the attack's generated images against the person's clean photos
+    (``others``: other people's clean photo sets, for ``ism_others``)."""
     out, notes = {"n_generated": len(generated)}, []
-    _measure(out, notes, "face", lambda: metrics.face(generated, reference))
+    _measure(out, notes, "face", lambda: metrics.face(generated, reference, others))
     _measure(out, notes, "brisque", lambda: metrics.brisque(generated))
     _measure(out, notes, "clip_iqa", lambda: metrics.clip_iqa(generated))
     _measure(out, notes, "fid_generated", lambda: metrics.fid(reference, generated))
@@ -337,7 +339,7 @@ class Runner:
             row.update(stats)
             images_dir = self.purify(prot_dir, subject, method, setting)
             generated = self.attack(images_dir, cell_dir, attack)
-            gen = generation_metrics(generated, self.reference(subject), self.metrics)
+            gen = generation_metrics(generated, self.reference(subject), self.metrics, self.other_references(subject))
             row["notes"] = "; ".join(n for n in (row.get("notes", ""), gen.pop("notes")) if n)
             row.update(gen)
             row.update(status="done", reason="", seconds=time.time() - t0)
@@ -362,6 +364,18 @@ class Runner:
         if not ref:
             raise Skip(f"{subject}: no clean reference photos in {', '.join(self.cfg.reference_sets)}")
         return ref
+
+
+    def other_references(self, subject: str) -> list:
+        """The other subjects' clean photo sets (for ISM(others)) when ``cfg.ism_others`` is on."""
+        out = []
+        for other in find_subjects(self.cfg.data) if self.cfg.ism_others else ():
+            if other != subject:
+                try:
+                    out.append(self.reference(other))
+                except (Skip, data_lib.DataError):   # an incomplete subject is no one's reference
+                    pass
+        return out
 
 
 def run(cfg, workdir: str, log=print) -> list[dict]:

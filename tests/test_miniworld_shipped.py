@@ -1,6 +1,7 @@
 """The mini-world models shipped in ldu_jax/miniworld/models load through the normal code paths,
 do what they were trained for, and drive the default perturb.py and the mini-world evaluation."""
 import json
+import math
 import os
 
 import numpy as np
@@ -52,7 +53,8 @@ def test_miniworld_evaluation_runs_on_the_shipped_models(tmp_path):
     from configs import eval_miniworld
     from ldu_jax import evaluate
     c = eval_miniworld.get_config()
-    c.data = "miniworld:1"
+    c.data = "miniworld:2"
+    c.subjects = ("subject_0",)          # subject_1 is only the other person of ISM(others)
     c.methods = ("none", "ldu")
     c.settings = ("none",)
     c.attacks = ("ti",)
@@ -63,8 +65,10 @@ def test_miniworld_evaluation_runs_on_the_shipped_models(tmp_path):
     assert sorted(os.listdir(tmp_path / "subjects" / "subject_0")) == ["set_A", "set_B", "set_C", "subject.json"]
     ldu_row = rows[1]
     assert ldu_row["psnr"] >= 36.0 and 0 <= ldu_row["fdfr"] <= 1
+    assert all(math.isnan(r["ism_others"]) == math.isnan(r["ism"]) for r in rows)    # nan: no face in the samples
+    assert all(-1 <= r["ism_others"] <= 1 and r["ism_others"] != r["ism"] for r in rows if not math.isnan(r["ism"]))
     table = open(tmp_path / "results.md").read()
-    assert "FD(id)" in table and "ISM" in table
+    assert "FD(id)" in table and "ISM(others)" in table
 
 
 def test_shipped_tokenizer_has_every_caption_and_attack_word_as_one_token():

@@ -226,6 +226,11 @@ def test_identity_face_metrics_semantics(tiny_model):
     assert model.face_metrics(imgs[:1], imgs[:1])["ism"] == pytest.approx(1.0, abs=1e-5)
     via_face = face.face_metrics(imgs, imgs[:2], model=model.as_face_model())
     assert via_face["n_faces"] == 6 and via_face["ism"] == pytest.approx(m["ism"], abs=1e-5)
+    # others: the mean ISM against each other person's photos, as if each were the reference
+    both = face.face_metrics(imgs, imgs[:2], model=model.as_face_model(), others=[imgs[2:4], imgs[4:]])
+    assert both["ism"] == via_face["ism"] and both["ism_others"] == pytest.approx(
+        np.mean([model.face_metrics(imgs, r)["ism"] for r in (imgs[2:4], imgs[4:])]), abs=1e-5)
+    assert "ism_others" not in via_face
     # split by detector score: references detected, images not -> ISM nan, FDFR 1
     p = model.face_prob(imgs)
     order = np.argsort(p)

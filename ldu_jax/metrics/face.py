@@ -204,11 +204,18 @@ def identity_fd(embs, ref_embs) -> float:
     return frechet_distance_features(np.stack(a), np.stack(b)) if min(len(a), len(b)) >= 2 else math.nan
 
 
-def face_metrics(images, reference_images, *, backend: str = 'dlib', model: FaceModel | None = None) -> dict:
+def face_metrics(images, reference_images, *, backend: str = 'dlib', model: FaceModel | None = None,
+                 others=()) -> dict:
     """dict(fdfr, ism, fd (``identity_fd``), n (images), n_faces (images with a face)); each image
-    is embedded once."""
+    is embedded once. ``others``: reference photo sets of other people; adds ``ism_others``, the mean
+    ISM of ``images`` against each set with a face (what samples that did not learn the person score)."""
     model = _model(model, backend)
-    return metrics_from_embeddings(embeddings(images, model=model), _ref_embeddings(reference_images, model))
+    embs = embeddings(images, model=model)
+    out = metrics_from_embeddings(embs, _ref_embeddings(reference_images, model))
+    if len(others):
+        refs = [r for r in (_ref_embeddings(o, model) for o in others) if any(e is not None for e in r)]
+        out['ism_others'] = float(np.nanmean([_ism(embs, r)[0] for r in refs])) if refs else math.nan
+    return out
 
 
 def metrics_from_embeddings(embs, ref_embs) -> dict:
