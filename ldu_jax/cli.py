@@ -1,10 +1,13 @@
 """Shared command-line plumbing: flag parsing and user errors reported in one line."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 from absl import app, flags, logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout: configs/ lives here
 
 
 def _clean(e) -> str:
@@ -12,11 +15,14 @@ def _clean(e) -> str:
 
 
 def define_config(name: str, default: str | None, help_text: str):
-    """``config_flags.DEFINE_config_file`` that names an unknown override key instead of a traceback.
+    """``config_flags.DEFINE_config_file`` that names an unknown override key instead of a traceback;
+    a relative ``default`` (``configs/<file>.py``) is found from any working directory.
 
     config_flags resolves ``--<name>.a.b=v`` overrides while defining the flag, so errors surface here.
     """
     from ml_collections import config_flags
+    if default and not os.path.isabs(default) and not os.path.exists(default):
+        default = os.path.join(ROOT, default)   # a built-in default works from any directory
     try:
         return config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
     except (AttributeError, KeyError) as e:

@@ -1,5 +1,6 @@
 """PSNR/SSIM against scikit-image on natural and random images; the metrics command line."""
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -45,3 +46,15 @@ def test_metrics_command_pairs_by_stem_and_writes_csv(tmp_path, capsys):
     assert float(by["ism"][1]) > 0.9 and float(by["brisque"][1]) > 0
     assert "without a reference" in capsys.readouterr().err
     assert cli.main(["--reference", str(tmp_path / "none"), "--images", str(imgs), "--out", str(out)]) == 2
+
+
+def test_default_config_of_a_command_loads_from_any_directory(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("from absl import flags; from ldu_jax import cli; "
+            "cli.define_config('config', 'configs/ldu_miniworld.py', 'h'); flags.FLAGS(['x']); "
+            "print(flags.FLAGS.config.resolution)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0 and out.stdout.split()[-1] == "64", out.stderr[-2000:]
