@@ -14,7 +14,9 @@ measures them. Work dir::
     results.csv  results.md  plots/*.png
 
 A finished cell (its cell.json) is served from cache on a rerun; a cell that failed or was skipped
-is retried. Bad input (a subject without set_B, a missing metric model, photos without faces) marks
+is retried; ``cached_only=True`` tabulates the cached cells of the grid and runs nothing (a grid run
+in parts). ISM drop: the clean photos' ISM (method and setting none, same subject and attack) minus
+the cell's. Bad input (a subject without set_B, a missing metric model, photos without faces) marks
 that cell or metric skipped with its reason and the rest goes on.
 """
 from __future__ import annotations
@@ -36,11 +38,13 @@ from PIL import Image
 from ldu_jax import data as data_lib
 
 COLUMNS = ("subject", "method", "setting", "attack", "status", "reason", "n_protected", "psnr", "ssim",
-           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "fd_identity", "brisque", "clip_iqa",
+           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "ism_drop", "fd_identity", "brisque",
+           "clip_iqa",
            "fid_generated", "seconds", "notes")
 # (column, label, higher is better for the protection?)
 TABLE_METRICS = (("psnr", "PSNR↑", None), ("ssim", "SSIM↑", None), ("fid_protected", "FID(prot)↓", None),
                  ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False), ("ism_others", "ISM(others)", None),
+                 ("ism_drop", "ISM drop↑", True),
                  ("fd_identity", "FD(id)↑", True), ("brisque", "BRISQUE↑", True),
                  ("clip_iqa", "CLIP-IQA↓", False), ("fid_generated", "FID(gen)↑", True))
 SETS = ("set_A", "set_B", "set_C")
@@ -331,6 +335,8 @@ class Runner:
         cached = _read_json(os.path.join(cell_dir, "cell.json"))
         if cached is not None:
             return {**cached, "cached": True}
+        if self.cfg.get("cached_only"):
+            return {**row, "status": "skipped", "reason": "not run (cached_only)"}
         t0 = time.time()
         try:
             if not os.path.isdir(os.path.join(self.cfg.data, subject, "set_B")):
@@ -365,7 +371,6 @@ class Runner:
             raise Skip(f"{subject}: no clean reference photos in {', '.join(self.cfg.reference_sets)}")
         return ref
 
-
     def other_references(self, subject: str) -> list:
         """The other subjects' clean photo sets (for ISM(others)) when ``cfg.ism_others`` is on."""
         out = []
@@ -397,6 +402,7 @@ def run(cfg, workdir: str, log=print) -> list[dict]:
     for c in bar:
         bar.set_postfix_str("/".join(c)[:60])
         rows.append(runner.cell(*c))
+    rows = with_ism_drop(rows)
     write_results(workdir, rows, cfg)
     n_cached = sum(bool(r.get("cached")) for r in rows)
     counts = {k: sum(r["status"] == k for r in rows) for k in ("done", "skipped", "failed")}
@@ -423,6 +429,18 @@ def write_csv(path: str, rows):
         for r in rows:
             w.writerow([_fmt(r.get(k)) for k in COLUMNS])
     os.replace(tmp, path)
+
+
+def with_ism_drop(rows) -> list[dict]:
+    """``rows`` with ``ism_drop`` = the clean photos' ISM (method and setting 'none') of the same
+    subject and attack minus the row's ISM, where both were measured."""
+    clean = {(r["subject"], r["attack"]): _num(r, "ism") for r in rows
+             if r.get("status") == "done" and r["method"] == "none" and r["setting"] == "none"}
+    out = []
+    for r in rows:
+        ref, ism = clean.get((r["subject"], r["attack"])), _num(r, "ism")
+        out.append({**r, "ism_drop": ref - ism} if r.get("status") == "done" and None not in (ref, ism) else r)
+    return out
 
 
 def _num(r, k):

@@ -71,6 +71,18 @@ def test_rerun_is_served_from_cache(tiny_eval):
     assert {key(r): r.get("ism") for r in again} == {key(r): r.get("ism") for r in rows}
 
 
+def test_cached_only_tabulates_the_cache_and_runs_nothing(tiny_eval, tmp_path):
+    c, workdir, rows, _ = tiny_eval
+    c = c.copy_and_resolve_references()
+    c.methods, c.cached_only = ("none", "ldu", "advdm"), True   # advdm never ran in this work dir
+    logs = []
+    again = evaluate.run(c, workdir, log=logs.append)
+    advdm = [r for r in again if r["method"] == "advdm"]
+    assert advdm and all(r["status"] == "skipped" and "cached_only" in r["reason"] for r in advdm)
+    assert not os.path.exists(os.path.join(workdir, "cells", "subject_0", "advdm"))
+    assert sum(r["status"] == "done" for r in again) == 4 and not any("advdm" in line for line in logs[:-1])
+
+
 def test_results_table_is_mean_and_std_over_subjects():
     rows = [{"subject": s, "method": "ldu", "setting": "none", "attack": "ti", "status": "done",
              "ism": v, "psnr": 36.0} for s, v in (("a", 0.2), ("b", 0.4))]
@@ -79,6 +91,21 @@ def test_results_table_is_mean_and_std_over_subjects():
     md = evaluate.results_markdown(rows)
     assert "| ldu | none | ti | 2 | 36.000 ± 0.000 | 0.300 ± 0.100 |" in md
     assert "c / ldu / none / ti: failed — RuntimeError: boom" in md
+
+
+def test_ism_drop_is_clean_minus_cell_per_subject_and_attack():
+    row = lambda s, m, st, a, ism: {"subject": s, "method": m, "setting": st, "attack": a,  # noqa: E731
+                                    "status": "done", "ism": ism}
+    rows = [row("a", "none", "none", "ti", 0.5), row("b", "none", "none", "ti", 0.7),
+            row("a", "ldu", "none", "ti", 0.3), row("b", "ldu", "none", "ti", 0.6),
+            row("a", "ldu", "jpeg:quality=75", "ti", 0.45), row("a", "ldu", "none", "dreambooth", 0.2),
+            {**row("b", "ldu", "jpeg:quality=75", "ti", None), "status": "failed", "reason": "boom"}]
+    out = evaluate.with_ism_drop(rows)
+    drops = [r.get("ism_drop") for r in out]
+    assert drops[:5] == pytest.approx([0.0, 0.0, 0.2, 0.1, 0.05]) and drops[5:] == [None, None]
+    assert "ism_drop" not in rows[2]   # the input rows are not modified
+    md = evaluate.results_markdown(out)
+    assert "ISM drop↑" in md and "| ldu | none | ti | 2 | 0.450 ± 0.150 | 0.150 ± 0.050 |" in md
 
 
 def test_config_errors_name_the_key(tmp_path):
