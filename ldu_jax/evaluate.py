@@ -38,9 +38,8 @@ from PIL import Image
 from ldu_jax import data as data_lib
 
 COLUMNS = ("subject", "method", "setting", "attack", "status", "reason", "n_protected", "psnr", "ssim",
-           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "ism_drop", "fd_identity", "brisque",
-           "clip_iqa",
-           "fid_generated", "seconds", "notes")
+           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "ism_drop", "fd_identity",
+           "brisque", "clip_iqa", "fid_generated", "seconds", "notes")
 # (column, label, higher is better for the protection?)
 TABLE_METRICS = (("psnr", "PSNR↑", None), ("ssim", "SSIM↑", None), ("fid_protected", "FID(prot)↓", None),
                  ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False), ("ism_others", "ISM(others)", None),

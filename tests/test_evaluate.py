@@ -71,7 +71,7 @@ def test_rerun_is_served_from_cache(tiny_eval):
     assert {key(r): r.get("ism") for r in again} == {key(r): r.get("ism") for r in rows}
 
 
-def test_cached_only_tabulates_the_cache_and_runs_nothing(tiny_eval, tmp_path):
+def test_cached_only_tabulates_the_cache_and_runs_nothing(tiny_eval):
     c, workdir, rows, _ = tiny_eval
     c = c.copy_and_resolve_references()
     c.methods, c.cached_only = ("none", "ldu", "advdm"), True   # advdm never ran in this work dir
