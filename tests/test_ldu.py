@@ -49,12 +49,41 @@ def test_rho_at_init_gives_the_plain_reconstruction(setup):
     recon = ldu.vae_lib.decode(ldu._vae(models), params["vae"],
                                sampling.denoise(apply_fn, params["dit"], zT, labels, steps=4))
     np.testing.assert_allclose(np.asarray(x_prot), np.asarray(recon), atol=1e-5)
-    # output='residual': the clean image plus the change ρ makes to the decoded latent
+    # output='residual': x + D(z0'(δ)) - D(z0'(0)); ρ at init shifts nothing, so x comes back exactly
     x_res, _ = jax.jit(lambda p, x: ldu.protect_images(models, p, x, cfg(output="residual")))(p, x)
-    plain = ldu.vae_lib.decode(ldu._vae(models), params["vae"], z0)
-    np.testing.assert_allclose(np.asarray(x_res), np.asarray(x + recon - plain), atol=1e-5)
+    assert np.array_equal(np.asarray(x_res), np.asarray(x))
+    # with a shift, the change is exactly the shifted round trip minus the unshifted one
+    shift = 0.3 * jax.random.normal(jax.random.PRNGKey(7), zT.shape)
+    x_sh, _ = jax.jit(lambda p, x: ldu.protect_images(models, p, x, cfg(output="residual"),
+                                                      shift=lambda z: z + shift))(p, x)
+    moved = ldu.vae_lib.decode(ldu._vae(models), params["vae"],
+                               sampling.denoise(apply_fn, params["dit"], zT + shift, labels, steps=4))
+    assert float(jnp.abs(moved - recon).max()) > 1e-2
+    np.testing.assert_allclose(np.asarray(x_sh), np.asarray(x + moved - recon), atol=1e-5)
     with pytest.raises(ValueError, match="output"):
         ldu.protect_images(models, p, x, cfg(output="pixels"))
+
+
+def test_projection_puts_each_image_within_the_budget(setup):
+    c, models, params, ti_ids, db_ids, shape, state, x = setup
+    rng = np.random.default_rng(3)
+    change = jnp.asarray(rng.normal(size=x.shape).astype(np.float32)) * jnp.asarray([1.0, 0.1, 0.01, 0.0]).reshape(-1, 1, 1, 1)
+    out = ldu.constrain(x + change, x, c)
+    d = np.asarray(ldu.distance(out, x))
+    d_in = np.asarray(ldu.distance(x + change, x))
+    for i in range(4):
+        if d_in[i] > c.eps:   # scaled onto the budget, direction kept
+            assert d[i] == pytest.approx(c.eps, rel=1e-4)
+        else:                 # inside: untouched
+            assert np.array_equal(np.asarray(out[i]), np.asarray((x + change)[i]))
+    assert d_in[0] > c.eps and d_in[3] == 0
+    # gradients through the projection are finite even where nothing changed (d = 0)
+    g = jax.grad(lambda ch: jnp.sum(ldu.constrain(x + ch, x, c)))(change)
+    assert np.isfinite(np.asarray(g)).all()
+    with pytest.raises(ValueError, match="constraint"):
+        ldu.constrain(x, x, cfg(constraint="lagrange"))
+    with pytest.raises(ValueError, match="distance='mse'"):
+        ldu.constrain(x, x, cfg(distance="ssim"))
 
 
 def test_gradients_reach_every_rho_parameter(setup):
@@ -74,8 +103,8 @@ def test_gradients_reach_every_rho_parameter(setup):
     assert not zero, zero
 
 
-def test_multiplier_rises_when_violated_and_decays_to_zero():
-    c = cfg()
+def test_multiplier_rises_when_violated_decays_to_zero_and_stays_bounded():
+    c = cfg(constraint="dual")
     lam = jnp.float32(0.0)
     for _ in range(3):
         lam = ldu.update_multiplier(lam, jnp.float32(0.5), c)  # d > eps
@@ -83,14 +112,22 @@ def test_multiplier_rises_when_violated_and_decays_to_zero():
     for _ in range(10):
         lam = ldu.update_multiplier(lam, jnp.float32(-0.5), c)  # d < eps
     assert float(lam) == 0.0
-    assert float(ldu.update_multiplier(jnp.float32(2.0), jnp.float32(1.0), cfg(multiplier="hinge"))) == 2.0
+    # a violation of 10^6 x the budget moves λ by at most lam_lr per step, and never past lam_max
+    lam = ldu.update_multiplier(jnp.float32(0.0), jnp.float32(1e6), c)
+    assert float(lam) == pytest.approx(c.lam_lr)
+    for _ in range(1000):
+        lam = ldu.update_multiplier(lam, jnp.float32(1e6), c)
+    assert float(lam) == c.lam_max
+    assert float(ldu.update_multiplier(lam, jnp.float32(-1.0), c)) == pytest.approx(c.lam_max - c.lam_lr)
+    assert float(ldu.update_multiplier(jnp.float32(2.0), jnp.float32(1.0), cfg(constraint="hinge"))) == 2.0
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A short ρ training with a loose budget (d < eps), starting from λ = 1."""
     workdir = str(tmp_path_factory.mktemp("rho"))
-    c = cfg(max_steps=8, log_every=2, save_every=8, eps=0.5, lam_init=1.0, lam_lr=0.5, lr=1e-2, grid_every=8)
+    c = cfg(max_steps=8, log_every=2, save_every=8, eps=0.5, lam_init=1.0, lam_lr=0.5, lr=1e-2, grid_every=8,
+            constraint="dual")
     state = prun.train_rho(c, workdir, log=lambda s: None)
     return c, workdir, state
 
@@ -184,10 +221,28 @@ def test_ldu_opt_is_one_compiled_loop(setup):
     assert jaxpr2.count("conv_general_dilated") == n_unet_calls  # more steps, same program size
 
 
+def test_ldu_opt_returns_a_feasible_image_no_worse_than_no_shift(setup):
+    c, models, params, ti_ids, db_ids, shape, state, x = setup
+    x = jnp.round((x + 1) * 127.5) / 127.5 - 1     # inputs come from uint8 files
+    c = cfg(output="residual", opt_steps=2, cg_iters=3, bisect_iters=6, n_draws=1)
+    key = jax.random.PRNGKey(0)
+    x_prot, info = jax.jit(lambda p, x: ldu.optimize_shift(models, p, x, ti_ids, db_ids, key, c))(params, x)
+    d = np.asarray(ldu.distance(ldu.quantize_ste(x_prot), x))
+    assert np.all(d <= c.eps * (1 + 1e-6))           # within the budget after uint8 rounding
+    zero_score = ldu.pers_loss(models, params, x, ti_ids, db_ids, ldu.opt_score_key(key), c)
+    assert np.all(np.asarray(info["l_pers"]) >= np.asarray(zero_score))   # never worse than no shift
+    moved = np.asarray(info["delta_norm"]) > 0
+    assert moved.any()
+    assert np.all(d[moved] >= 0.5 * c.eps)            # a moved image is scaled onto the budget
+    np.testing.assert_allclose(np.asarray(x_prot)[~moved], np.asarray(x)[~moved])
+    with pytest.raises(ValueError, match="opt_method"):
+        ldu.optimize_shift(models, params, x, ti_ids, db_ids, key, cfg(opt_method="lbfgs"))
+
+
 def test_rho_step_on_8_devices_equals_1_device(setup):
     c, models, params, ti_ids, db_ids, shape, state, x = setup
     x = jnp.concatenate([x, x[:, ::-1]])  # 8 images, one per device
-    c = cfg(ti_weight=0.0, lam_init=1.0)  # the data-parallel machinery, without the UNet's compile cost
+    c = cfg(ti_weight=0.0, lam_init=1.0, constraint="dual")  # the data-parallel machinery, without the UNet's compile cost
     tx = ldu.make_rho_optimizer(c)
     outs = []
     for devices in (jax.devices()[:1], jax.devices()):

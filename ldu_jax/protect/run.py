@@ -85,17 +85,35 @@ def train_rho(config, workdir: str, log=print):
         for x in images:
             yield frozen, jax.device_put(x, dsh), *ids
 
-    protect = jax.jit(lambda p, x: ldu.protect_images(models, p, x, config)[0])
+    protect = jax.jit(lambda p, x: ldu.constrained_images(models, p, x, config))
     grid_x = next(data_lib.ImageFolder(folder, res, log=lambda s: None).batches(4, 0, flip=False))
+    heldout_x = heldout_images(config.get("heldout", ""), res, workdir, log)
+    gain = jax.jit(lambda p, x: ldu.heldout_gain(models, p, x, ti_ids, db_ids, config, config.heldout_draws))
 
     def after_step(done, state):
         if (config.grid_every and done % config.grid_every == 0) or done == config.max_steps:
             write_grid(protect, {**params, "rho": state.rho}, grid_x,
                        os.path.join(workdir, "grids", f"step_{done}.png"))
+        if heldout_x is not None and (done % config.log_every == 0 or done == config.max_steps):
+            prot, clean = (np.asarray(a) for a in gain({**params, "rho": state.rho}, heldout_x))
+            rel = prot / clean - 1
+            if jax.process_index() == 0:
+                loop.append_jsonl(os.path.join(workdir, "heldout.jsonl"),
+                                  {"step": done, "l_pers": float(prot.mean()), "l_pers_clean": float(clean.mean()),
+                                   "gain": float(rel.mean()), "gain_std": float(rel.std())})
 
     return loop.train_loop(state, step, batches(), manager=manager, meta=meta, workdir=workdir,
                            max_steps=config.max_steps, log_every=config.log_every, save_every=config.save_every,
                            batch_size=config.batch_size, desc="ldu-rho", after_step=after_step)
+
+
+def heldout_images(spec: str, res: int, workdir: str, log=print):
+    """The images ρ's held-out L_pers gain is logged on: '' (none), 'miniworld' (portraits of the
+    world's held-out identities) or a folder."""
+    if not spec:
+        return None
+    folder = sample_folder(workdir, "miniworld", count=8) if spec == "miniworld" else spec
+    return jnp.asarray(data_lib.load_images(data_lib.list_images(folder), res)[0])
 
 
 def write_grid(protect, params, x, path):
@@ -133,7 +151,7 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
         ref = jax.eval_shape(lambda: models.rho.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape))))
         ckpt.check_compatible(meta, {"param_shapes": ckpt.param_shapes(ref)}, checkpoint)
         params = jax.device_put({**params, "rho": rho}, rep)
-        fn = jax.jit(lambda p, x: ldu.protect_images(models, p, x, config)[0], out_shardings=dsh)
+        fn = jax.jit(lambda p, x: ldu.constrained_images(models, p, x, config), out_shardings=dsh)
     elif method == "ldu-opt":
         params = jax.device_put(params, rep)
         ids = jax.device_put((ti_ids, db_ids), rep)
@@ -166,17 +184,19 @@ SAMPLE_COUNT = 4
 MINIWORLD_TRAIN = (128, 4)   # identities x images of the 'miniworld' ρ training set
 
 
-def sample_folder(workdir: str, kind: str = "samples") -> str:
+def sample_folder(workdir: str, kind: str = "samples", count: int = SAMPLE_COUNT) -> str:
     """A few built-in sample portraits (deterministic) written under ``workdir``: procedural
     portraits (``samples``) or held-out identities of the mini-world (``miniworld``)."""
     folder = os.path.join(workdir, "sample_images" if kind == "samples" else f"sample_images_{kind}")
-    if os.path.isdir(folder) and len(os.listdir(folder)) >= SAMPLE_COUNT:
+    if count != SAMPLE_COUNT:
+        folder += f"_{count}"
+    if os.path.isdir(folder) and len(os.listdir(folder)) >= count:
         return folder
     if kind == "miniworld":
         from ldu_jax.miniworld import world
-        images = [world.render(ident, 0) for ident in world.heldout_identities(SAMPLE_COUNT)]
+        images = [world.render(ident, 0) for ident in world.heldout_identities(count)]
     elif kind == "samples":
-        images = [data_lib.procedural_portrait(i) for i in range(SAMPLE_COUNT)]
+        images = [data_lib.procedural_portrait(i) for i in range(count)]
     else:
         raise ValueError(f"unknown sample kind {kind!r}; 'samples' or 'miniworld'")
     for i, img in enumerate(images):

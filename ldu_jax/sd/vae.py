@@ -89,6 +89,14 @@ def encode(vae: VAE, params, images, key=None):
     return z * vae.scaling_factor
 
 
+def posterior(vae: VAE, params, images):
+    """NHWC images in [-1, 1] -> (mean, std) of the scaled latent posterior: a sample is
+    mean + std * N(0, I), the same draw ``encode`` makes from the same key."""
+    dist = vae.module.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)),
+                            method=vae.module.encode).latent_dist
+    return dist.mean * vae.scaling_factor, dist.std * vae.scaling_factor
+
+
 def decode(vae: VAE, params, latents):
     """Scaled NHWC latents -> NHWC images (nominally in [-1, 1])."""
     out = vae.module.apply({"params": params}, latents / vae.scaling_factor, method=vae.module.decode)
