@@ -127,7 +127,7 @@ def trained(tmp_path_factory):
     """A short ρ training with a loose budget (d < eps), starting from λ = 1."""
     workdir = str(tmp_path_factory.mktemp("rho"))
     c = cfg(max_steps=8, log_every=2, save_every=8, eps=0.5, lam_init=1.0, lam_lr=0.5, lr=1e-2, grid_every=8,
-            constraint="dual")
+            constraint="dual", heldout="miniworld", heldout_draws=2)
     state = prun.train_rho(c, workdir, log=lambda s: None)
     return c, workdir, state
 
@@ -155,6 +155,12 @@ def test_training_lambda_decays_and_writes_outputs(trained):
     assert all(r["d"] < c.eps for r in m)
     assert os.path.exists(os.path.join(workdir, "grids", "step_8.png"))
     assert all(0 < r["ssim"] <= 1 and np.isfinite(r["psnr"]) for r in m)
+    # held-out L_pers of ρ's images against the clean ones, on the same fixed draws at every log step
+    h = [json.loads(line) for line in open(os.path.join(workdir, "heldout.jsonl"))]
+    assert [r["step"] for r in h] == [2, 4, 6, 8]
+    assert len({r["l_pers_clean"] for r in h}) == 1 and h[0]["l_pers_clean"] > 0
+    assert all(r["gain"] == pytest.approx(r["l_pers"] / r["l_pers_clean"] - 1, abs=0.05) for r in h)
+    assert len({r["l_pers"] for r in h}) > 1          # ρ changes, so its images' loss does
 
 
 def test_batchnorm_perturber_and_bf16(setup):
