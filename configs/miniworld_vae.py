@@ -2,6 +2,8 @@
 scratch on the procedural portraits (ldu_jax/miniworld/train_vae.py).
 
     get_config()          the real run (0.68M parameters, 2.7 MB of float32 weights)
+    get_config('v2')      mini-world v2: SD's factor 8 and 4 latent channels on 128 px textured
+                          portraits (128 px -> 16x16x4), SD's small KL weight
     get_config('test')    tiny widths and a handful of steps (tests)
 """
 import ml_collections
@@ -32,7 +34,16 @@ def get_config(arg: str = ""):
         lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
         schedule="cosine", warmup=200, grad_clip=1.0,
     ))
-    if arg == "test":
+    if arg == "v2":
+        c.batch_size = 8
+        c.max_steps = 3000
+        c.save_every = 250
+        c.keep = 20                  # the calibration measures the encoder along the run
+        c.model.sample_size = 128
+        c.model.block_out_channels = (24, 48, 96, 96)   # 3 downsamplings: factor 8, as SD's KL-f8
+        c.loss.kl_weight = 1e-6      # SD's KL-f8 weight
+        c.optim.warmup = 300
+    elif arg == "test":
         c.batch_size = 8
         c.max_steps = 30
         c.log_every = 5
@@ -43,5 +54,5 @@ def get_config(arg: str = ""):
         c.optim.lr = 3e-3
         c.optim.warmup = 0
     elif arg:
-        raise ValueError(f"unknown miniworld_vae config variant {arg!r} (use '' or 'test')")
+        raise ValueError(f"unknown miniworld_vae config variant {arg!r} (use '', 'v2' or 'test')")
     return c

@@ -1,5 +1,6 @@
 """Tests for the mini-world: the portrait generator, its files, and the identity model's trainer."""
 
+import hashlib
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldu_jax import data as data_lib
 from ldu_jax.miniworld import world
 
 
@@ -112,6 +114,110 @@ def test_scene_captions_name_skin_shirt_and_background_and_keep_the_rest():
                 stripped = stripped[: -len(f" with {world.skin_word(ident)} skin")]
             assert stripped == plain, (plain, text)
     assert seen == {"flat", "gradient", "stripes", "blotches"}
+
+
+# -------------------------------------------------------------------------------- styles
+
+def _fine_rms(x):
+    """RMS over pixels and channels of (image - its Gaussian blur, sigma 1 px), in [0, 1] units."""
+    return float(np.sqrt(np.mean((_to01(x) - _blur(_to01(x), 1.0)) ** 2)))
+
+
+def _to01(x):
+    return (np.asarray(x, np.float64) + 1.0) / 2.0
+
+
+def _blur(x, sigma):
+    r = int(np.ceil(4 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(x, ((r, r), (r, r), (0, 0)), mode="reflect")
+    b = sum(k[i] * p[i:i + x.shape[0]] for i in range(2 * r + 1))
+    return sum(k[i] * b[:, i:i + x.shape[1]] for i in range(2 * r + 1))
+
+
+def _sha(u8):
+    return hashlib.sha256(np.ascontiguousarray(u8).tobytes()).hexdigest()
+
+
+def test_v1_pixels_unchanged_by_the_styles():
+    # computed with the code before styles existed (uint8, so float rounding noise cannot hide a change)
+    u = world.render(world.make_identity(3), 5, 64, dtype=np.uint8)
+    assert [u[10, 20].tolist(), u[32, 32].tolist(), u[50, 40].tolist()] == [[91, 96, 162], [192, 185, 162],
+                                                                              [127, 135, 93]]
+    assert _sha(u) == "8ec5d7214ccc826467f540215441e14271278011cf3c5201db1d359ba2e7b52a"
+    np.testing.assert_array_equal(world.render(world.make_identity(3), 5, 64, dtype=np.uint8, style="v1"), u)
+    big = world.render(world.make_identity(7), 1, 128)
+    assert _sha(data_lib.to_uint8(big)) == "63b9615596913403e6ec0081442591bbe2b0deb3e22ea4aa485e0a5b1b57c083"
+    neg = world.random_backgrounds(5, seed=2)   # blobs, scrambled, faceless x2, background
+    assert _sha(data_lib.to_uint8(neg)) == "0f24e8f7394bfbb9cdb175d58535f013682062aaa3f0b64bcfd1397b90d857c2"
+
+
+def test_v2_deterministic_shape_range_and_distinct():
+    ids = world.heldout_identities(4)
+    a = world.render(ids[0], 2, 128, style="v2")
+    np.testing.assert_array_equal(a, world.render(world.make_identity(ids[0].seed), 2, 128, style="v2"))
+    assert a.shape == (128, 128, 3) and a.dtype == np.float32
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.1
+    u = world.render(ids[0], 2, 128, dtype=np.uint8, style="v2")
+    assert u.dtype == np.uint8 and u.shape == (128, 128, 3)
+    np.testing.assert_array_equal(u, data_lib.to_uint8(a))
+    assert world.render(ids[0], 2, 64, style="v2").shape == (64, 64, 3)
+    batch = world.render_batch(ids[:2], [2, 2], 128, style="v2")
+    assert batch.shape == (2, 128, 128, 3)
+    np.testing.assert_array_equal(batch[0], a)
+    assert np.abs(a - world.render(ids[0], 3, 128, style="v2")).mean() > 0.01          # variants differ
+    for other in [batch[1]] + [world.render(i, 2, 128, style="v2") for i in ids[2:]]:
+        assert np.abs(a - other).mean() > 0.05                               # people differ
+    neg = world.random_backgrounds(5, seed=2, size=64, style="v2")
+    np.testing.assert_array_equal(neg, world.random_backgrounds(5, seed=2, size=64, style="v2"))
+    assert neg.shape == (5, 64, 64, 3) and neg.min() >= -1 and neg.max() <= 1
+    assert np.abs(neg - world.random_backgrounds(5, seed=2, size=64)).mean() > 0.005
+    for kind in world.NONFACE_KINDS:
+        assert world.render_nonface(0, size=128, kind=kind, style="v2").shape == (128, 128, 3)
+
+
+def test_v2_is_the_same_scene_as_v1_with_fine_structure():
+    ids = world.heldout_identities(6)
+    v1 = [world.render(i, 0, 128) for i in ids]
+    v2 = [world.render(i, 0, 128, style="v2") for i in ids]
+    fine1, fine2 = np.mean([_fine_rms(x) for x in v1]), np.mean([_fine_rms(x) for x in v2])
+    assert fine2 >= 0.03 and fine2 > 2 * fine1, (fine1, fine2)
+    # blurred, a v2 photo is close to its v1 twin (same shapes, colours, layout), far from other people
+    lo1, lo2 = [_blur(_to01(x), 3.0) for x in v1], [_blur(_to01(x), 3.0) for x in v2]
+    twins = [np.abs(a - b).mean() for a, b in zip(lo1, lo2)]
+    others = [np.abs(lo1[i] - lo1[j]).mean() for i in range(6) for j in range(i + 1, 6)]
+    assert max(twins) < 0.5 * np.mean(others), (twins, np.mean(others))
+
+
+def test_unknown_style_raises(tmp_path):
+    ident = world.make_identity(0)
+    calls = {"v3": lambda style: world.render(ident, 0, style=style),
+             "V2": lambda style: world.render_batch([], [], style=style),
+             "flat": lambda style: world.render_nonface(0, style=style),
+             "": lambda style: world.random_backgrounds(0, style=style),
+             "v0": lambda style: world.write_training_set(str(tmp_path / "t"), 0, 1, style=style),
+             "2": lambda style: world.write_heldout_subjects(str(tmp_path / "h"), 0, style=style)}
+    for bad, call in calls.items():
+        with pytest.raises(ValueError) as e:
+            call(bad)
+        assert repr(bad) in str(e.value) and "('v1', 'v2')" in str(e.value), str(e.value)
+    assert not os.listdir(tmp_path)  # checked before anything is written (even with nothing to render)
+    assert world.STYLES == ("v1", "v2")
+
+
+def test_heldout_subjects_and_training_set_in_v2(tmp_path):
+    root = str(tmp_path / "subjects")
+    assert world.write_heldout_subjects(root, 1, seed=0, per_set=1, size=128, style="v2") == ["subject_0"]
+    ident = world.heldout_identities(1, 0)[0]
+    for k, s in enumerate(world.SETS):
+        got = np.asarray(Image.open(os.path.join(root, "subject_0", s, "00.png")))
+        assert got.shape == (128, 128, 3)
+        np.testing.assert_array_equal(got, world.render(ident, k, 128, dtype=np.uint8, style="v2"))
+    train = str(tmp_path / "train")
+    assert world.write_training_set(train, 1, 1, size=128, style="v2") == 1
+    got = np.asarray(Image.open(os.path.join(train, "images", "00000_000.png")))
+    np.testing.assert_array_equal(got, world.render(world.train_identities(1)[0], 0, 128, dtype=np.uint8, style="v2"))
 
 
 # -------------------------------------------------------------------------------- files

@@ -30,17 +30,22 @@ import numpy as np
 from ldu_jax import data as data_lib
 from ldu_jax.miniworld import MODELS, world
 
-PROFILES = ("full", "test")
+PROFILES = ("full", "test", "v2")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
 # what each shipped checkpoint keeps of its training state (the loaders read exactly these)
 EXPORT_KEYS = {"shortcut": ("params_ema",), "identity": ("params",), "rho": ("rho",)}
 
 
 def configs(profile: str = "full") -> dict:
-    """The stage configs of a profile ('full': the shipped models; 'test': tiny, seconds)."""
+    """The stage configs of a profile ('full': the shipped models; 'test': tiny, seconds; 'v2': the
+    mini-world v2 being built (issue 17): 128 px textured portraits and SD's factor-8 VAE; its later
+    stages have no recipe yet and are None)."""
     from configs import ldu_miniworld, miniworld_identity, miniworld_shortcut, miniworld_t2i, miniworld_vae
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
+    if profile == "v2":
+        return {"data": {"n_train": 512, "per_identity": 8, "n_heldout": 8, "style": "v2", "size": 128},
+                "vae": miniworld_vae.get_config("v2"), "identity": None, "t2i": None, "shortcut": None, "rho": None}
     arg = "test" if profile == "test" else ""
     c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config(arg),
          "identity": miniworld_identity.get_config(arg), "shortcut": miniworld_shortcut.get_config(arg),
@@ -50,10 +55,11 @@ def configs(profile: str = "full") -> dict:
     return c
 
 
-def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64, scene: bool = False):
+def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64, scene: bool = False,
+                  style: str = "v1"):
     """``start_step -> iterator`` of (images [B, size, size, 3] in [-1, 1], captions): random training
     identities and fresh variants, batch k a function of (seed, k) only (so a resumed run continues).
-    ``scene``: scene captions (``world.caption``)."""
+    ``scene``: scene captions (``world.caption``); ``style``: ``world.STYLES``."""
     idents = world.train_identities(n_identities, 0)
 
     def batches(start: int):
@@ -62,7 +68,7 @@ def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64,
             rng = np.random.default_rng([seed, step])
             who = rng.integers(0, len(idents), batch_size)
             var = rng.integers(0, 10 ** 6, batch_size)
-            yield (world.render_batch([idents[i] for i in who], var, size),
+            yield (world.render_batch([idents[i] for i in who], var, size, style=style),
                    [world.caption(idents[i], v, scene) for i, v in zip(who, var)])
             step += 1
     return batches
@@ -99,10 +105,14 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             continue
         log(f"[{stage}] building ...")
         t0, w0, c, info = time.process_time(), time.time(), cfg.get(stage), {}
+        if c is None and stage != "export":
+            raise ValueError(f"profile {profile!r} has no {stage} recipe yet; build its other stages with "
+                             f"--stages")
+        d = cfg["data"]
+        look = {"size": d.get("size", 64), "style": d.get("style", "v1")}
         if stage == "data":
-            d = cfg["data"]
-            world.write_training_set(p("data", "train"), d["n_train"], d["per_identity"], progress=True)
-            world.write_heldout_subjects(p("data", "heldout"), d["n_heldout"])
+            world.write_training_set(p("data", "train"), d["n_train"], d["per_identity"], progress=True, **look)
+            world.write_heldout_subjects(p("data", "heldout"), d["n_heldout"], **look)
             out = p("data")
         elif stage == "identity":
             from ldu_jax.miniworld import identity
@@ -112,7 +122,8 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             log(f"[identity] held-out identities: {info['eval']}")
         elif stage == "vae":
             from ldu_jax.miniworld.train_vae import train_vae
-            train_vae(c, p("vae"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed), log=log)
+            train_vae(c, p("vae"), world_batches(d["n_train"], c.batch_size, c.seed, look["size"],
+                                                 style=look["style"]), log=log)
             out = p("vae", "vae")
         elif stage == "t2i":
             from ldu_jax.miniworld.train_t2i import train_t2i
