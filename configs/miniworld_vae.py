@@ -4,6 +4,8 @@ scratch on the procedural portraits (ldu_jax/miniworld/train_vae.py).
     get_config()          the real run (0.68M parameters, 2.7 MB of float32 weights)
     get_config('v2')      mini-world v2: SD's factor 8 and 4 latent channels on 128 px textured
                           portraits (128 px -> 16x16x4), SD's small KL weight
+    get_config('v2-gan')  v2 continued with SD's patch discriminator and a feature-matching loss
+                          (set --config.init_from=<the v2 run> to start from its weights)
     get_config('test')    tiny widths and a handful of steps (tests)
 """
 import ml_collections
@@ -29,7 +31,12 @@ def get_config(arg: str = ""):
         rec="l1",                    # 'l1' or 'l2' (mean over pixels)
         kl_weight=1e-5,              # x KL(q(z|x) || N(0, I)), mean over latent elements
         edge_weight=0.5,             # x L1 of the finite-difference image gradients
+        adv_weight=0.0,              # > 0: x the patch discriminator's adversarial loss (SD's VAE recipe)
+        feat_weight=0.0,             # x L1 between the discriminator's features of photo and reconstruction
+        disc_start=0,                # the step from which the discriminator and both terms are on
     ))
+    c.disc = ml_collections.ConfigDict(dict(channels=(32, 64, 128), groups=8, lr=2e-4))
+    c.init_from = ""                 # a train_vae work dir whose weights a new run starts from
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
         schedule="cosine", warmup=200, grad_clip=1.0,
@@ -43,6 +50,13 @@ def get_config(arg: str = ""):
         c.model.block_out_channels = (24, 48, 96, 96)   # 3 downsamplings: factor 8, as SD's KL-f8
         c.loss.kl_weight = 1e-6      # SD's KL-f8 weight
         c.optim.warmup = 300
+    elif arg == "v2-gan":
+        c = get_config("v2")
+        c.max_steps = 1500
+        c.optim.lr = 2e-4
+        c.optim.warmup = 0
+        c.loss.adv_weight = 0.1
+        c.loss.feat_weight = 1.0
     elif arg == "test":
         c.batch_size = 8
         c.max_steps = 30
@@ -54,5 +68,5 @@ def get_config(arg: str = ""):
         c.optim.lr = 3e-3
         c.optim.warmup = 0
     elif arg:
-        raise ValueError(f"unknown miniworld_vae config variant {arg!r} (use '', 'v2' or 'test')")
+        raise ValueError(f"unknown miniworld_vae config variant {arg!r} (use '', 'v2', 'v2-gan' or 'test')")
     return c

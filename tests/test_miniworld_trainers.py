@@ -108,6 +108,41 @@ def test_vae_rerun_resumes(vae_run):
     assert steps == sorted(set(steps)) and steps[-1] == STEPS + 2
 
 
+def test_vae_adversarial_phase_starts_from_a_run_and_trains_the_discriminator_from_disc_start(vae_run, tmp_path):
+    from ldu_jax import checkpoint as ckpt
+    from ldu_jax.miniworld.train_vae import PatchDiscriminator
+    c = miniworld_vae.get_config("test")
+    c.max_steps, c.log_every, c.save_every = 4, 1, 2
+    c.loss.adv_weight, c.loss.feat_weight, c.loss.disc_start = 0.1, 1.0, 2
+    c.disc.channels, c.disc.groups = (8, 16), 4
+    c.init_from, c.seed = vae_run[1], 1     # another seed: a random start would be far from the run's
+    workdir = str(tmp_path / "gan")
+    train_vae(c, workdir, batches(c.batch_size), log=lambda s: None)
+    s2, _ = ckpt.restore_state(workdir, 2)
+    s4, _ = ckpt.restore_state(workdir, 4)
+    start, _ = ckpt.restore_state(vae_run[1])
+    init = PatchDiscriminator((8, 16), 4).init(jax.random.fold_in(jax.random.PRNGKey(c.seed), 1),
+                                                 jnp.zeros((1, 64, 64, 3)))["params"]
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),  # noqa: E731
+                                                                     jax.tree_util.tree_leaves(b)))
+    assert same(s2["disc_params"], init)              # off before disc_start
+    assert not same(s4["disc_params"], init)          # trained after it
+    recs = [r for r in _metrics(workdir) if "loss" in r]
+    assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_adv"]) for r in recs)
+    # the generator started from the earlier run's weights, not from a random initialisation
+    from ldu_jax.miniworld.train_vae import make_vae_module
+    rand = make_vae_module(c.model).init_weights(jax.random.PRNGKey(c.seed))
+    dist = lambda a, b: np.sqrt(sum(float(np.sum(np.square(np.asarray(x) - np.asarray(y))))  # noqa: E731
+                                    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))))
+    assert dist(s2["params"], start["params"]) < 0.2 * dist(rand, start["params"])
+    c.init_from = workdir + "_missing"
+    with pytest.raises(FileNotFoundError):
+        train_vae(c, str(tmp_path / "gan2"), batches(c.batch_size), log=lambda s: None)
+    c.init_from, c.model.block_out_channels = vae_run[1], (8, 16, 32)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="different VAE"):
+        train_vae(c, str(tmp_path / "gan3"), batches(c.batch_size), log=lambda s: None)
+
+
 def test_t2i_loss_falls(t2i_run):
     _falls(_metrics(t2i_run[1]))
 

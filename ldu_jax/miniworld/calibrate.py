@@ -192,6 +192,32 @@ def measure_encoder(w: World, steps: int = 200, batch: int = 8) -> dict:
     return encoder_attack(vae_lib.VAE(w.sd.vae, None), w.params["vae"], x, steps)
 
 
+def encoder_along_run(vae_workdir: str, style: str = "v2", n_images: int = 8, steps: int = 200,
+                      log=print) -> list[dict]:
+    """``encoder_attack`` at every kept checkpoint of a ``train_vae`` run (does the encoder grow
+    fragile as it learns?), on held-out portraits of ``style`` at the run's resolution."""
+    import jax
+    import ml_collections
+
+    from ldu_jax import checkpoint as ckpt
+    from ldu_jax.miniworld import train_vae, world
+    from ldu_jax.sd import vae as vae_lib
+    manager = ckpt.make_manager(vae_workdir)
+    out = []
+    for step in sorted(manager.all_steps()):
+        state, meta = ckpt.restore_state(vae_workdir, step)
+        if meta.get("kind") != "vae":
+            raise ValueError(f"{vae_workdir} is not a VAE run (its checkpoint says kind={meta.get('kind')!r})")
+        size = int(meta["data_shape"][0])
+        vae = vae_lib.VAE(train_vae.make_vae_module(ml_collections.ConfigDict(meta["model"])), None)
+        x = np.stack([world.render(h, 0, size, np.uint8, style=style) for h in world.heldout_identities(n_images)])
+        r = {"step": int(step), **encoder_attack(vae, jax.tree_util.tree_map(np.asarray, state["params"]), x, steps)}
+        log(f"step {step}: reconstruction {r['psnr_rec_clean']:.1f} dB, attacked {r['psnr_rec_protected']:.1f} dB "
+            f"(drop {r['psnr_drop']:.2f}), latent moved {100 * r['latent_rel_change']:.0f}%")
+        out.append(r)
+    return out
+
+
 CORRUPTIONS = (("noise", (4, 8, 16, 32, 64)), ("blur", (1.0, 2.0, 4.0)), ("sign pattern", (4, 8, 16, 32)),
                ("texture pattern", (8, 16, 32, 64)))
 
@@ -410,6 +436,12 @@ def report(res: dict) -> str:
 def _main(argv):
     from absl import flags
     f = flags.FLAGS
+    if f.vae_run:
+        from ldu_jax.evaluate import _write_json
+        rows = encoder_along_run(f.vae_run, f.style, steps=f.encoder_steps)
+        os.makedirs(f.workdir, exist_ok=True)
+        _write_json(os.path.join(f.workdir, "encoder_along_run.json"), rows)
+        return
     res = calibrate(f.workdir, f.models, tuple(p for p in f.parts.split(",") if p), f.subjects, f.attack_steps,
                     f.encoder_steps, f.redo)
     print(report(res))
@@ -426,4 +458,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("attack_steps", 200, "DreamBooth steps (imprint, gates)")
     flags.DEFINE_integer("encoder_steps", 200, "PhotoGuard PGD steps (published: 1000)")
     flags.DEFINE_bool("redo", False, "recompute parts already in calibrate.json")
+    flags.DEFINE_string("vae_run", "", "instead: the encoder attack at each checkpoint of this train_vae work dir")
+    flags.DEFINE_enum("style", "v2", ["v1", "v2"], "the portraits --vae_run attacks")
     cli.run(_main, user_errors=(ValueError,))

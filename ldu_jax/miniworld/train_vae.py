@@ -3,6 +3,12 @@
 Loss per image: L1 (or L2) reconstruction of a posterior sample's decode, plus ``kl_weight`` x the
 KL divergence to N(0, I) (both means over elements), plus ``edge_weight`` x the L1 error of the
 horizontal and vertical finite differences (a cheap sharpness proxy; no downloaded networks).
+From step ``disc_start`` on, ``adv_weight`` > 0 adds SD's patch-adversarial term: a convolutional
+discriminator (``PatchDiscriminator``) scores overlapping patches, trained with the hinge loss, and
+the VAE is rewarded for patches it scores real, plus ``feat_weight`` x the L1 distance between the
+discriminator's features of the photo and of its reconstruction (a perceptual-style loss that
+needs no downloaded network). ``init_from`` starts a new run from another VAE run's weights (SD
+trains its KL-f8 VAE the same way: reconstruction first, the discriminator switched on later).
 
 After training, ``scaling_factor`` = 1 / std of posterior-sampled latents over ``scale_batches``
 batches is written into the VAE config (as Stable Diffusion's 0.18215), so scaled latents have
@@ -24,6 +30,7 @@ import shutil
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +47,31 @@ class VAEState:
     step: jax.Array
     params: Any
     opt_state: Any
+    disc_params: Any = None          # the patch discriminator (None without an adversarial loss)
+    disc_opt_state: Any = None
+
+
+class PatchDiscriminator(nn.Module):
+    """A PatchGAN discriminator as SD's KL VAEs use: stride-2 4x4 convolutions with GroupNorm and
+    leaky ReLU, then a 1-channel map of real/fake logits, one per overlapping patch. Returns
+    (logits [B, h, w], the features of every stage)."""
+    channels: tuple = (32, 64, 128)
+    groups: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        feats = []
+        for i, c in enumerate(self.channels):
+            x = nn.Conv(c, (4, 4), strides=(2, 2), padding=1)(x)
+            if i:
+                x = nn.GroupNorm(num_groups=min(self.groups, c))(x)
+            x = nn.leaky_relu(x, 0.2)
+            feats.append(x)
+        return nn.Conv(1, (3, 3), padding=1)(x)[..., 0], feats
+
+
+def adversarial(loss_cfg) -> bool:
+    return float(loss_cfg.get("adv_weight", 0.0)) > 0
 
 
 def vae_config(model_cfg) -> dict:
@@ -68,8 +100,9 @@ def _edges(x):
     return x[:, 1:, :, :] - x[:, :-1, :, :], x[:, :, 1:, :] - x[:, :, :-1, :]
 
 
-def vae_losses(module, params, images, key, loss_cfg):
-    """(loss, info) of one batch: reconstruction of a posterior sample, KL, edge loss."""
+def vae_losses(module, params, images, key, loss_cfg, disc=None, disc_params=None, adv_on=0.0):
+    """(loss, (info, reconstruction)) of one batch: reconstruction of a posterior sample, KL, edge
+    loss; with ``disc``, ``adv_on`` (0 or 1) x the adversarial and feature-matching terms."""
     dist = module.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)), method=module.encode).latent_dist
     z = dist.sample(key)                                     # NHWC (diffusers' Flax posterior is NHWC)
     rec = jnp.transpose(module.apply({"params": params}, z, method=module.decode).sample, (0, 2, 3, 1))
@@ -83,22 +116,49 @@ def vae_losses(module, params, images, key, loss_cfg):
         edge = 0.5 * (jnp.mean(jnp.abs(ry - iy)) + jnp.mean(jnp.abs(rx - ix)))
         loss = loss + loss_cfg.edge_weight * edge
         info["edge"] = edge
-    return loss, info
+    if disc is not None:
+        logits, f_rec = disc.apply({"params": disc_params}, rec)
+        _, f_img = disc.apply({"params": disc_params}, images)
+        g_adv = -jnp.mean(logits)
+        feat = sum(jnp.mean(jnp.abs(a - jax.lax.stop_gradient(b))) for a, b in zip(f_rec, f_img)) / len(f_rec)
+        loss = loss + adv_on * (loss_cfg.adv_weight * g_adv + loss_cfg.feat_weight * feat)
+        info.update(g_adv=g_adv, feat=feat)
+    return loss, (info, rec)
 
 
-def make_vae_step(module, tx, schedule, loss_cfg, seed: int):
-    """``step(state, images) -> (state, info)``, pure; keys are ``fold_in(PRNGKey(seed), step)``."""
+def disc_loss(disc, disc_params, images, rec):
+    """The hinge loss of the patch discriminator (real photos vs reconstructions)."""
+    real, _ = disc.apply({"params": disc_params}, images)
+    fake, _ = disc.apply({"params": disc_params}, rec)
+    return jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake)), (jnp.mean(real), jnp.mean(fake))
+
+
+def make_vae_step(module, tx, schedule, loss_cfg, seed: int, disc=None, disc_tx=None):
+    """``step(state, images) -> (state, info)``, pure; keys are ``fold_in(PRNGKey(seed), step)``.
+    With ``disc`` (and its optimizer ``disc_tx``) the adversarial terms switch on at
+    ``loss_cfg.disc_start``, when the discriminator starts training too."""
     if loss_cfg.rec not in ("l1", "l2"):
         raise ValueError(f"config.loss.rec must be 'l1' or 'l2', got {loss_cfg.rec!r}")
 
     def step(state: VAEState, images):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-        (loss, info), grads = jax.value_and_grad(
-            lambda p: vae_losses(module, p, images, key, loss_cfg), has_aux=True)(state.params)
+        adv_on = (state.step >= loss_cfg.get("disc_start", 0)).astype(jnp.float32) if disc is not None else 0.0
+        (loss, (info, rec)), grads = jax.value_and_grad(
+            lambda p: vae_losses(module, p, images, key, loss_cfg, disc, state.disc_params, adv_on),
+            has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         info = {"loss": loss, **info, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return VAEState(state.step + 1, params, opt_state), info
+        disc_params, disc_opt = state.disc_params, state.disc_opt_state
+        if disc is not None:
+            (d_loss, (real, fake)), d_grads = jax.value_and_grad(
+                lambda d: disc_loss(disc, d, images, jax.lax.stop_gradient(rec)), has_aux=True)(disc_params)
+            d_updates, new_opt = disc_tx.update(d_grads, disc_opt, disc_params)
+            # before disc_start the discriminator stays at its initialisation
+            disc_params = jax.tree_util.tree_map(lambda a, b: a + adv_on * b, disc_params, d_updates)
+            disc_opt = jax.tree_util.tree_map(lambda n, o: jnp.where(adv_on > 0, n, o), new_opt, disc_opt)
+            info.update(d_loss=d_loss, d_real=real, d_fake=fake)
+        return VAEState(state.step + 1, params, opt_state, disc_params, disc_opt), info
 
     return step
 
@@ -143,6 +203,20 @@ def make_vae_module_from(module, **overrides):
     return FlaxAutoencoderKL.from_config({**cfg, **overrides}, dtype=module.dtype)
 
 
+def initial_params(init_from: str, module, size: int):
+    """The weights a new run starts from: None (random), or the latest params of another
+    ``train_vae`` work dir with the same architecture."""
+    if not init_from:
+        return None
+    state, meta = ckpt.restore_state(init_from)
+    if meta.get("kind") != "vae":
+        raise ckpt.CheckpointMismatchError(f"init_from={init_from} is not a VAE run (kind={meta.get('kind')!r})")
+    want = ckpt.param_shapes(jax.eval_shape(module.init_weights, jax.random.PRNGKey(0)))
+    if meta.get("param_shapes") != want or list(meta.get("data_shape", [])) != [size, size, 3]:
+        raise ckpt.CheckpointMismatchError(f"init_from={init_from} holds a different VAE architecture or size")
+    return jax.tree_util.tree_map(jnp.asarray, state["params"])
+
+
 def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     """Train (or resume) the VAE of ``config`` in ``workdir``; writes and returns ``<workdir>/vae``."""
     os.makedirs(workdir, exist_ok=True)
@@ -151,10 +225,18 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     mesh = parallel.batch_mesh(config.batch_size)
     rep, dsh = parallel.replicated(mesh), parallel.data_sharding(mesh)
     tx, schedule = make_optimizer(config.optim, config.max_steps)
+    disc = disc_tx = None
+    if adversarial(config.loss):
+        disc = PatchDiscriminator(tuple(config.disc.channels), int(config.disc.groups))
+        disc_tx = optax.adam(config.disc.lr, b1=0.5, b2=0.9)   # the usual GAN betas
+    init_params = initial_params(config.get("init_from", ""), module, size)
 
     def init_fn(key):
-        params = module.init_weights(key)
-        return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        params = module.init_weights(key) if init_params is None else init_params
+        if disc is None:
+            return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        d = disc.init(jax.random.fold_in(key, 1), jnp.zeros((1, size, size, 3)))["params"]
+        return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params), d, disc_tx.init(d))
 
     key = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(init_fn, key)
@@ -168,7 +250,7 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     log(f"vae: {n_params / 1e6:.2f}M parameters, {size} px -> {size // 2 ** (len(config.model.block_out_channels) - 1)}"
         f" px x {config.model.latent_channels} latents, steps {start} -> {config.max_steps}")
 
-    step_fn = make_vae_step(module, tx, schedule, config.loss, config.seed)
+    step_fn = make_vae_step(module, tx, schedule, config.loss, config.seed, disc, disc_tx)
     update = jax.jit(step_fn, in_shardings=(shardings, dsh), out_shardings=(shardings, rep), donate_argnums=(0,))
     stream = data_stream(batches, start)
 
