@@ -25,7 +25,6 @@ stdout. The world's models come from ``--models`` (sd/ and identity/, as the pac
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -356,24 +355,16 @@ def gates(rows, encoder: dict | None = None) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ command
 
-def _load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int = 4, attack_steps: int = 200,
               encoder_steps: int = 200, redo: bool = False, log=print) -> dict:
     """Run the parts (each cached in ``<workdir>/calibrate.json``); returns every result."""
-    from ldu_jax.evaluate import _write_json
+    from ldu_jax.evaluate import _read_json, _write_json
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "calibrate.json")
-    res = _load(path)
+    res = _read_json(path) or {}
     w = World(models, workdir, n_subjects, log)
     for part in parts:
         if part in res and not redo:
