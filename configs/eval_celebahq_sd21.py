@@ -27,6 +27,7 @@ def get_config():
     c.settings = ("none", "jpeg:quality=75", "blur:sigma=1.0", "noise:sigma=0.05", "resize:factor=0.5",
                   "diffpure:strength=0.1,steps=20", "gridpure:strength=0.1,steps=20")
     c.attacks = ("dreambooth", "ti")
+    c.subject_batch = 1            # one SD 2.1 DreamBooth state (UNet + Adam) is ~10 GB: one subject per program
     c.attack_configs = {"ti": "configs/attack_ti_sd21.py", "dreambooth": "configs/attack_db_sd21.py"}
     c.attack_overrides = {}
     c.num_samples = 16

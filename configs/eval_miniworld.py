@@ -28,6 +28,7 @@ def get_config():
                           **{m: dict(pgd) for m in ("advdm", "photoguard", "mist", "sds", "sds-", "pid", "fsmg")},
                           "aspl": {**pgd, "steps": 6, "rounds": 10}}
     c.settings = ("none", "jpeg:quality=75", "blur:sigma=1.0", "diffpure:strength=0.1,steps=10")
+    c.subject_batch = 8
     c.attacks = ("ti", "dreambooth")
     c.attack_configs = {"ti": "configs/attack_ti_miniworld.py", "dreambooth": "configs/attack_db_miniworld.py"}
     c.attack_overrides = {"ti": {"max_steps": 300}, "dreambooth": {"max_steps": 300}}

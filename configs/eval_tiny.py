@@ -27,6 +27,7 @@ def get_config():
     c.attack_overrides = {"ti": {"max_steps": 20}, "dreambooth": {"max_steps": 20, "num_class_images": 4}}
     c.num_samples = 4              # generated images per validation prompt
     c.cached_only = False          # tabulate the cached cells only (a grid run in parts), run nothing
+    c.subject_batch = 4            # subjects whose attacks train as one program (vmapped; memory x this)
     c.keep_attack_models = False   # delete each cell's fine-tuned model and checkpoints when it is measured
     # metrics
     c.ism_others = True            # also ISM of the samples against the other subjects' photos: the

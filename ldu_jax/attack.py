@@ -12,8 +12,12 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
+from typing import Any, Callable, NamedTuple
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ldu_jax import checkpoint as ckpt
@@ -30,73 +34,208 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80] or "prompt"
 
 
-def _setup(config, images_dir, workdir, log):
-    os.makedirs(workdir, exist_ok=True)
-    sd, params = sdm.load_sd(config.model)
-    images = common.load_instance_images(images_dir, sd.resolution, config.min_images, log)
-    mesh = parallel.batch_mesh(config.batch_size)
-    return sd, params, images, mesh
+@flax.struct.dataclass
+class SubjectBatch:
+    """Several subjects' attack states trained as one program: their states stacked on a leading
+    axis, all at the same ``step``."""
+    step: jax.Array
+    states: Any
 
 
-def _train(state_init, step_fn, args, *, config, workdir, mesh, kind, log):
-    """Shared driver: replicated state and inputs, data-sharded batches inside the step."""
-    rep = parallel.replicated(mesh)
-    key = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(state_init, key)
-    shardings = jax.tree_util.tree_map(lambda _: rep, abstract)
-    meta = {"kind": kind, "model": config.model, "param_shapes": ckpt.param_shapes(abstract)}
-    manager = ckpt.make_manager(workdir, config.keep)
-    state = loop.init_or_restore(state_init, key, shardings, manager, meta, workdir, log, jit_init=False)
-    args = jax.device_put(args, rep)
-    update = jax.jit(step_fn, donate_argnums=(0,))
-    total = config.max_steps * config.grad_accum
-    return loop.train_loop(state, update, itertools.repeat(args), manager=manager, meta=meta, workdir=workdir,
-                           max_steps=total, log_every=config.log_every, save_every=config.save_every,
-                           batch_size=config.batch_size, desc=kind)
+class _Plan(NamedTuple):
+    key: tuple              # everything the step function closes over (its compile-cache key)
+    init: Callable          # key -> one subject's state
+    make_step: Callable     # () -> step(state, shared..., images, ...) with images at args[1]
+    args: tuple             # the step's arguments after the state (images: the first subject's)
+    finish: Callable        # (state, workdir, save_model) -> (sd, params, token)
+    mesh: Any
+
+
+class Attacker:
+    """The attacks against one Stable Diffusion model, as an evaluation runs them cell after cell:
+    the model is loaded once, each training step is traced and compiled once per (attack, config,
+    token) and reused for every folder of the same shapes, and ``run_many`` trains several
+    subjects in one program. ``config.model`` of every call must be this attacker's ``model``."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self._loaded = None
+        self._placeholders = {}   # (token, init word) -> (sd, params, token id)
+        self._updates = {}        # (kind, config, token id[, subjects]) -> jitted step
+        self.timing = {}          # seconds of the last run: load, train, generate
+
+    def loaded(self):
+        if self._loaded is None:
+            t = time.time()
+            self._loaded = sdm.load_sd(self.model)
+            self.timing["load"] = self.timing.get("load", 0.0) + time.time() - t
+        return self._loaded
+
+    def with_placeholder(self, token: str, init_word: str):
+        """(sd, params, token id) of the model with ``token`` added (once per token)."""
+        if (token, init_word) not in self._placeholders:
+            sd, params = self.loaded()
+            self._placeholders[token, init_word] = sdm.add_placeholder_token(sd, params, token, init_word)
+        return self._placeholders[token, init_word]
+
+    def _update(self, key, make_step):
+        """The jitted step of ``key``, traced once; its closure must not change between calls with
+        the same key (so the key holds every config value the step reads)."""
+        if key not in self._updates:
+            self._updates[key] = jax.jit(make_step(), donate_argnums=(0,))
+        return self._updates[key]
+
+    def _images(self, config, images_dir, log):
+        if config.model != self.model:
+            raise ValueError(f"this attacker holds the model {self.model!r}, the config asks for {config.model!r}")
+        sd, _ = self.loaded()
+        return common.load_instance_images(images_dir, sd.resolution, config.min_images, log)
+
+    def _plan(self, kind, config, images, workdir, log) -> _Plan:
+        mesh = parallel.batch_mesh(config.batch_size)
+        dsh = parallel.data_sharding(mesh)
+        if kind == "ti":
+            sd, params, token_id = self.with_placeholder(config.placeholder_token, config.init_word)
+            tx, lr = ti.make_optimizer(config, config.batch_size)
+            log(f"textual inversion: token {config.placeholder_token!r} (id {token_id}) from {config.init_word!r}, "
+                f"{len(images)} images, lr {lr:g}")
+            ids = ti.template_ids(sd, config.placeholder_token, config.templates)
+            row0 = ti.get_table(params)[token_id]
+
+            def finish(state, out_dir, save_model):
+                ti.save_learned_embeds(os.path.join(out_dir, "learned_embeds.safetensors"), config.placeholder_token,
+                                       jax.device_get(state.row))
+                return sd, ti.with_row(params, token_id, state.row), config.placeholder_token
+            return _Plan(
+                ("ti", config.to_json(), token_id),
+                lambda key: ti.TIState(jnp.zeros((), jnp.int32), row0, tx.init(row0)),
+                lambda: ti.make_step(sd, sch.make_schedule(sd.scheduler), tx, token_id, config.batch_size,
+                                     config.seed, dsh),
+                (params, images, ids), finish, mesh)
+        if kind != "dreambooth":
+            raise ValueError(f"unknown attack {kind!r}; one of {KINDS}")
+        sd, params = self.loaded()
+        class_images = images[:1]
+        if config.prior_weight > 0:
+            folder = config.get("class_images_dir") or os.path.join(workdir, "class_images")
+            class_images = dreambooth.ensure_class_images(sd, params, folder, config, log)
+        tx = dreambooth.make_optimizer(config)
+        ids = sdm.tokenize(sd, [config.instance_prompt, config.class_prompt])
+
+        def finish(state, out_dir, save_model):
+            trainable = jax.device_get(state.trainable)
+            tuned = dreambooth.full_params(params, trainable, config)
+            if save_model and config.lora_rank:
+                from safetensors.numpy import save_file
+                flat = {f"{k}.{ab}": np.asarray(v[ab], np.float32) for k, v in trainable["unet"].items() for ab in v}
+                save_file(flat, os.path.join(out_dir, "lora.safetensors"))
+            elif save_model:
+                sdm.save_sd(sd, tuned, os.path.join(out_dir, "model"))
+            return sd, tuned, config.identifier
+        return _Plan(
+            ("dreambooth", config.to_json()),
+            lambda key: dreambooth.init_state(params, config, tx, key),
+            lambda: dreambooth.make_step(sd, sch.make_schedule(sd.scheduler), tx, config, config.batch_size,
+                                         config.seed, dsh),
+            (dreambooth.frozen_params(params, config), images, class_images, ids[0], ids[1]), finish, mesh)
+
+    def _train(self, plan: _Plan, init, update, args, *, config, workdir, kind, log):
+        """Shared driver: replicated state and inputs, data-sharded batches inside the step."""
+        rep = parallel.replicated(plan.mesh)
+        key = jax.random.PRNGKey(config.seed)
+        abstract = jax.eval_shape(init, key)
+        shardings = jax.tree_util.tree_map(lambda _: rep, abstract)
+        meta = {"kind": kind, "model": config.model, "param_shapes": ckpt.param_shapes(abstract)}
+        manager = ckpt.make_manager(workdir, config.keep)
+        state = loop.init_or_restore(init, key, shardings, manager, meta, workdir, log, jit_init=False)
+        args = jax.device_put(args, rep)
+        total = config.max_steps * config.grad_accum
+        return loop.train_loop(state, update, itertools.repeat(args), manager=manager, meta=meta, workdir=workdir,
+                               max_steps=total, log_every=config.log_every, save_every=config.save_every,
+                               batch_size=config.batch_size, desc=kind)
+
+    def train(self, kind, config, images_dir: str, workdir: str, log=print, save_model: bool = True):
+        """Train attack ``kind`` on one folder; (sd, params, token). ``save_model``: write the
+        DreamBooth model (``model/``, or ``lora.safetensors``) into ``workdir``."""
+        os.makedirs(workdir, exist_ok=True)
+        plan = self._plan(kind, config, self._images(config, images_dir, log), workdir, log)
+        update = self._update(plan.key, plan.make_step)
+        state = self._train(plan, plan.init, update, plan.args, config=config, workdir=workdir, kind=kind, log=log)
+        return plan.finish(state, workdir, save_model)
+
+    def train_many(self, kind, config, images_dirs, workdirs, group_dir: str, log=print, save_model: bool = True):
+        """Train attack ``kind`` on several folders of equally many images as one program (the
+        step vmapped over a subject axis); [(sd, params, token)] in order. Every subject's result
+        equals ``train`` on its folder alone (up to float rounding): the same draws, its own
+        state. Checkpoints of the stacked states go to ``group_dir``, each result to its workdir."""
+        images = [self._images(config, d, log) for d in images_dirs]
+        if len({x.shape for x in images}) != 1:
+            raise ValueError(f"train_many needs folders of the same number of images, got "
+                             f"{', '.join(f'{d}: {len(x)}' for d, x in zip(images_dirs, images))}")
+        for d in [group_dir, *workdirs]:
+            os.makedirs(d, exist_ok=True)
+        n = len(images)
+        plan = self._plan(kind, config, images[0], group_dir, log)
+        args = (plan.args[0], np.stack(images)) + plan.args[2:]
+
+        def make_step():
+            step = jax.vmap(plan.make_step(), in_axes=(0, None, 0) + (None,) * (len(args) - 2))
+
+            def batched(b: SubjectBatch, *a):
+                states, info = step(b.states, *a)
+                return SubjectBatch(b.step + 1, states), {**jax.tree_util.tree_map(jnp.mean, info),
+                                                          "loss_max": jnp.max(info["loss"])}
+            return batched
+
+        def init(key):
+            one = plan.init(key)
+            return SubjectBatch(jnp.zeros((), jnp.int32),
+                                jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), one))
+        update = self._update(plan.key + (("subjects", n),), make_step)
+        batch = self._train(plan, init, update, args, config=config, workdir=group_dir, kind=kind, log=log)
+        return [plan.finish(jax.tree_util.tree_map(lambda x, i=i: x[i], batch.states), w, save_model)
+                for i, w in enumerate(workdirs)]
+
+    def run(self, kind: str, config, images_dir: str, workdir: str, log=print, save_model: bool = True):
+        """Train attack ``kind`` on ``images_dir`` and write its samples; {prompt: uint8 images}."""
+        return self.run_many(kind, config, [images_dir], [workdir], None, log, save_model)[0]
+
+    def run_many(self, kind: str, config, images_dirs, workdirs, group_dir: str | None, log=print,
+                 save_model: bool = True):
+        """``run`` on several folders: folders with the same number of images train together
+        (``train_many``, its checkpoints in ``group_dir/<n>-images``); [{prompt: images}] in order."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown attack {kind!r}; one of {KINDS}")
+        self.timing = {"load": 0.0}
+        t = time.time()
+        if len(images_dirs) == 1:
+            results = [self.train(kind, config, images_dirs[0], workdirs[0], log, save_model)]
+        else:
+            counts = [len(data_lib.list_images(d)) for d in images_dirs]
+            results = [None] * len(images_dirs)
+            for c in sorted(set(counts)):
+                idx = [i for i, k in enumerate(counts) if k == c]
+                if len(idx) == 1:
+                    out = [self.train(kind, config, images_dirs[idx[0]], workdirs[idx[0]], log, save_model)]
+                else:
+                    out = self.train_many(kind, config, [images_dirs[i] for i in idx], [workdirs[i] for i in idx],
+                                          os.path.join(group_dir, f"{c}-images"), log, save_model)
+                for i, r in zip(idx, out):
+                    results[i] = r
+        t2 = time.time()
+        samples = [write_samples(sd, params, config, token, w) for (sd, params, token), w in zip(results, workdirs)]
+        self.timing.update(train=t2 - t - self.timing["load"], generate=time.time() - t2)
+        return samples
 
 
 def run_ti(config, images_dir: str, workdir: str, log=print):
     """Textual Inversion; returns (sd, params with the learned row, token)."""
-    sd, params, images, mesh = _setup(config, images_dir, workdir, log)
-    sd, params, token_id = sdm.add_placeholder_token(sd, params, config.placeholder_token, config.init_word)
-    sched = sch.make_schedule(sd.scheduler)
-    tx, lr = ti.make_optimizer(config, config.batch_size)
-    log(f"textual inversion: token {config.placeholder_token!r} (id {token_id}) from {config.init_word!r}, "
-        f"{len(images)} images, lr {lr:g}")
-    ids = ti.template_ids(sd, config.placeholder_token, config.templates)
-    row0 = ti.get_table(params)[token_id]
-    init = lambda key: ti.TIState(jax.numpy.zeros((), jax.numpy.int32), row0, tx.init(row0))  # noqa: E731
-    step = ti.make_step(sd, sched, tx, token_id, config.batch_size, config.seed, parallel.data_sharding(mesh))
-    state = _train(init, step, (params, images, ids), config=config, workdir=workdir, mesh=mesh, kind="ti", log=log)
-    ti.save_learned_embeds(os.path.join(workdir, "learned_embeds.safetensors"), config.placeholder_token,
-                           jax.device_get(state.row))
-    return sd, ti.with_row(params, token_id, state.row), config.placeholder_token
+    return Attacker(config.model).train("ti", config, images_dir, workdir, log)
 
 
 def run_dreambooth(config, images_dir: str, workdir: str, log=print):
     """DreamBooth; returns (sd, fine-tuned params, identifier)."""
-    sd, params, images, mesh = _setup(config, images_dir, workdir, log)
-    sched = sch.make_schedule(sd.scheduler)
-    class_images = images[:1]
-    if config.prior_weight > 0:
-        folder = config.get("class_images_dir") or os.path.join(workdir, "class_images")
-        class_images = dreambooth.ensure_class_images(sd, params, folder, config, log)
-    tx = dreambooth.make_optimizer(config)
-    frozen = dreambooth.frozen_params(params, config)
-    ids = sdm.tokenize(sd, [config.instance_prompt, config.class_prompt])
-    init = lambda key: dreambooth.init_state(params, config, tx, key)  # noqa: E731
-    step = dreambooth.make_step(sd, sched, tx, config, config.batch_size, config.seed, parallel.data_sharding(mesh))
-    state = _train(init, step, (frozen, images, class_images, ids[0], ids[1]), config=config, workdir=workdir,
-                   mesh=mesh, kind="dreambooth", log=log)
-    trainable = jax.device_get(state.trainable)
-    tuned = dreambooth.full_params(params, trainable, config)
-    if config.lora_rank:
-        from safetensors.numpy import save_file
-        flat = {f"{k}.{ab}": np.asarray(v[ab], np.float32) for k, v in trainable["unet"].items() for ab in v}
-        save_file(flat, os.path.join(workdir, "lora.safetensors"))
-    else:
-        sdm.save_sd(sd, tuned, os.path.join(workdir, "model"))
-    return sd, tuned, config.identifier
+    return Attacker(config.model).train("dreambooth", config, images_dir, workdir, log)
 
 
 def write_samples(sd, params, config, token: str, workdir: str) -> dict:
@@ -110,10 +249,7 @@ def write_samples(sd, params, config, token: str, workdir: str) -> dict:
 
 
 def run(kind: str, config, images_dir: str, workdir: str, log=print):
-    if kind not in KINDS:
-        raise ValueError(f"unknown attack {kind!r}; one of {KINDS}")
-    sd, params, token = (run_ti if kind == "ti" else run_dreambooth)(config, images_dir, workdir, log)
-    return write_samples(sd, params, config, token, workdir)
+    return Attacker(config.model).run(kind, config, images_dir, workdir, log)
 
 
 def _main(argv):

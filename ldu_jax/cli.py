@@ -40,14 +40,32 @@ def _parse(argv):
         sys.exit(f"error: bad --config override: {_clean(e)}")
 
 
+CACHE_ENV = "LDU_JAX_COMPILE_CACHE"
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Keep XLA's compiled programs on disk, so a command run again (an evaluation resumed, the
+    same protection on new photos) loads its programs instead of compiling them: ``path``, else
+    $LDU_JAX_COMPILE_CACHE, else ~/.cache/ldu_jax/xla; '' turns it off. Returns the folder used.
+    JAX's own settings apply (e.g. JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, 1 s by default)."""
+    import jax
+    if path is None:
+        path = os.environ.get(CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "ldu_jax", "xla"))
+    if path and not jax.config.jax_compilation_cache_dir:   # a cache set by the caller wins
+        jax.config.update("jax_compilation_cache_dir", path)
+    return jax.config.jax_compilation_cache_dir or ""
+
+
 def run(main, user_errors=()):
-    """``app.run(main)`` with clean messages for bad flags and for ``user_errors`` raised by main."""
+    """``app.run(main)`` with clean messages for bad flags and for ``user_errors`` raised by main,
+    and the persistent compilation cache on (``enable_compilation_cache``)."""
     from ldu_jax.checkpoint import CheckpointMismatchError
     from ldu_jax.data import DataError
     expected = (DataError, CheckpointMismatchError, FileNotFoundError, PermissionError) + tuple(user_errors)
 
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        enable_compilation_cache()
         try:
             return main(argv)
         except expected as e:

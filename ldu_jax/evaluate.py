@@ -242,6 +242,8 @@ class Runner:
         self.cfg, self.workdir, self.log = cfg, workdir, log
         self.metrics = Metrics(cfg, log)
         self._purify_models = None
+        self._protectors = {}   # method -> (protect_batch, resolution): models loaded, programs compiled once
+        self._attacker = None
 
     # -- protection
     def method_config(self, method: str):
@@ -277,11 +279,13 @@ class Runner:
         if done is not None:
             return out, done
         cfg = self.method_config(method)
-        ckpt = self.rho_checkpoint(cfg) if method == "ldu" else None
-        from ldu_jax.protect.run import protect_dir
+        from ldu_jax.protect.run import make_protector, protect_dir
+        if method not in self._protectors:
+            ckpt = self.rho_checkpoint(cfg) if method == "ldu" else None
+            self._protectors[method] = make_protector(method, cfg, ckpt, self.log)
         if os.path.isdir(out):
             shutil.rmtree(out)  # a partial earlier attempt
-        rows = protect_dir(method, cfg, ckpt, clean, out, log=self.log)
+        rows = protect_dir(method, cfg, None, clean, out, log=self.log, protector=self._protectors[method])
         bad = [r["file"] for r in rows if r.get("error") or not r.get("budget_ok")]
         if bad:
             raise RuntimeError(f"{method} could not protect {', '.join(bad)} of {clean}")
@@ -318,46 +322,86 @@ class Runner:
         cfg.seed = self.cfg.seed
         return cfg
 
-    def attack(self, images_dir: str, cell_dir: str, attack: str) -> list[np.ndarray]:
+    def attack(self, images_dirs, cell_dirs, attack: str, group_dir: str) -> list[list[np.ndarray]]:
+        """Each folder's generated images, the folders' attacks trained together (``run_many``)."""
         from ldu_jax import attack as attack_lib
         cfg = self.attack_config(attack)
-        out = attack_lib.run(attack, cfg, images_dir, cell_dir, log=self.log)
-        if not self.cfg.keep_attack_models:  # DreamBooth's model/ is a full SD copy
-            for d in ("model", "checkpoints"):
-                shutil.rmtree(os.path.join(cell_dir, d), ignore_errors=True)
-        return [img for imgs in out.values() for img in imgs]
+        if self._attacker is None:
+            self._attacker = attack_lib.Attacker(self.cfg.sd)
+        keep = bool(self.cfg.keep_attack_models)
+        outs = self._attacker.run_many(attack, cfg, images_dirs, cell_dirs, group_dir, log=self.log, save_model=keep)
+        if not keep:  # DreamBooth's model/ is a full SD copy; the checkpoints hold the attack states
+            for d in [os.path.join(c, "checkpoints") for c in cell_dirs] + [group_dir]:
+                shutil.rmtree(d, ignore_errors=True)
+        return [[img for imgs in out.values() for img in imgs] for out in outs]
 
     def cell(self, subject: str, method: str, setting: str, attack: str) -> dict:
+        return self.cells([subject], method, setting, attack)[0]
+
+    def cells(self, subjects, method: str, setting: str, attack: str) -> list[dict]:
+        """The cells of ``subjects`` under one (method, setting, attack): each protected, purified,
+        measured and cached on its own; their attacks trained as one program (``Attacker.run_many``).
+        A cell's ``time`` splits its seconds into phases, the shared attack's evenly."""
         from ldu_jax import purify
-        row = {"subject": subject, "method": method, "setting": str(purify.parse(setting)), "attack": attack}
-        cell_dir = os.path.join(self.workdir, "cells", subject, method, slug(row["setting"]), attack)
-        cached = _read_json(os.path.join(cell_dir, "cell.json"))
-        if cached is not None:
-            return {**cached, "cached": True}
-        if self.cfg.get("cached_only"):
-            return {**row, "status": "skipped", "reason": "not run (cached_only)"}
-        t0 = time.time()
+        setting_name = str(purify.parse(setting))
+        rows, todo = [], []
+        for subject in subjects:
+            row = {"subject": subject, "method": method, "setting": setting_name, "attack": attack}
+            cell_dir = os.path.join(self.workdir, "cells", subject, method, slug(setting_name), attack)
+            cached = _read_json(os.path.join(cell_dir, "cell.json"))
+            if cached is not None:
+                rows.append({**cached, "cached": True})
+                continue
+            rows.append(row)
+            if self.cfg.get("cached_only"):
+                row.update(status="skipped", reason="not run (cached_only)")
+                continue
+            t0, clock = time.time(), {}
+            try:
+                if not os.path.isdir(os.path.join(self.cfg.data, subject, "set_B")):
+                    raise Skip(f"{os.path.join(self.cfg.data, subject)} has no set_B")
+                prot_dir, stats = self.protect(subject, method)
+                row.update(stats)
+                clock["protect"] = time.time() - t0
+                images_dir = self.purify(prot_dir, subject, method, setting)
+                clock["purify"] = time.time() - t0 - clock["protect"]
+                todo.append((row, cell_dir, images_dir, time.time() - t0, clock))
+            except Exception as e:  # noqa: BLE001 - recorded in the row (see _failed)
+                self._failed(row, e)
+        if not todo:
+            return rows
+        t1 = time.time()
         try:
-            if not os.path.isdir(os.path.join(self.cfg.data, subject, "set_B")):
-                raise Skip(f"{os.path.join(self.cfg.data, subject)} has no set_B")
-            prot_dir, stats = self.protect(subject, method)
-            row.update(stats)
-            images_dir = self.purify(prot_dir, subject, method, setting)
-            generated = self.attack(images_dir, cell_dir, attack)
-            gen = generation_metrics(generated, self.reference(subject), self.metrics, self.other_references(subject))
+            group = os.path.join(self.workdir, "groups", method, slug(setting_name), attack,
+                                 "+".join(slug(r["subject"]) for r, *_ in todo))
+            generated = self.attack([t[2] for t in todo], [t[1] for t in todo], attack, group)
+        except Exception as e:  # noqa: BLE001
+            for row, *_ in todo:
+                self._failed(row, e)
+            return rows
+        share = (time.time() - t1) / len(todo)
+        for (row, cell_dir, _, before, clock), gen_images in zip(todo, generated):
+            t2 = time.time()
+            clock.update({k: v / len(todo) for k, v in self._attacker.timing.items()})
+            try:
+                gen = generation_metrics(gen_images, self.reference(row["subject"]), self.metrics,
+                                         self.other_references(row["subject"]))
+            except Exception as e:  # noqa: BLE001
+                self._failed(row, e)
+                continue
+            clock["metrics"] = time.time() - t2
             row["notes"] = "; ".join(n for n in (row.get("notes", ""), gen.pop("notes")) if n)
             row.update(gen)
-            row.update(status="done", reason="", seconds=time.time() - t0)
+            row.update(status="done", reason="", seconds=before + share + clock["metrics"], time=clock)
             _write_json(os.path.join(cell_dir, "cell.json"), row)
-        except Skip as e:
-            row.update(status="skipped", reason=str(e))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # noqa: BLE001 - one failed cell must not stop the table
-            row.update(status="failed", reason=f"{type(e).__name__}: {e}")
-        if row["status"] != "done":
-            self.log(f"{subject} / {method} / {row['setting']} / {attack}: {row['status']}: {row['reason']}")
-        return row
+        return rows
+
+    def _failed(self, row: dict, e: Exception):
+        """A skipped (``Skip``) or failed cell: recorded, logged, and the table goes on."""
+        row.update(status="skipped" if isinstance(e, Skip) else "failed",
+                   reason=str(e) if isinstance(e, Skip) else f"{type(e).__name__}: {e}")
+        self.log(f"{row['subject']} / {row['method']} / {row['setting']} / {row['attack']}: {row['status']}: "
+                 f"{row['reason']}")
 
     def reference(self, subject: str):
         """The subject's clean photos: the identity reference (ISM) and FID(gen)'s reference set."""
@@ -382,9 +426,9 @@ class Runner:
         return out
 
 
-def run(cfg, workdir: str, log=print) -> list[dict]:
-    """Every cell of the evaluation; writes results.csv, results.md and plots/ into ``workdir``."""
-    from tqdm import tqdm
+def cells_of(cfg, workdir: str) -> list[tuple]:
+    """The evaluation's (subject, method, setting, attack) cells; writes the 'demo:N' and
+    'miniworld:N' subjects into ``workdir`` and points ``cfg.data`` at them."""
     os.makedirs(workdir, exist_ok=True)
     kind, _, n = str(cfg.data).partition(":")
     if kind == "demo":
@@ -393,14 +437,37 @@ def run(cfg, workdir: str, log=print) -> list[dict]:
         from ldu_jax.miniworld import world
         cfg.data = os.path.join(workdir, "subjects")
         world.write_heldout_subjects(cfg.data, int(n))
-    runner = Runner(cfg, workdir, log)
     subjects = find_subjects(cfg.data, tuple(cfg.subjects))
-    cells = [(s, m, st, a) for s in subjects for m in cfg.methods for st in cfg.settings for a in cfg.attacks]
-    rows = []
-    bar = tqdm(cells, desc="evaluate", unit="cell")
-    for c in bar:
-        bar.set_postfix_str("/".join(c)[:60])
-        rows.append(runner.cell(*c))
+    return [(s, m, st, a) for s in subjects for m in cfg.methods for st in cfg.settings for a in cfg.attacks]
+
+
+def subject_groups(cells, size: int):
+    """(subjects, method, setting, attack): the cells of one (method, setting, attack), ``size``
+    subjects at a time (their attacks train as one program), in the order the cells come."""
+    if size < 1:
+        raise ValueError(f"config subject_batch must be >= 1, got {size}")
+    by = {}
+    for subject, *rest in cells:
+        by.setdefault(tuple(rest), []).append(subject)
+    for rest, subjects in by.items():
+        for i in range(0, len(subjects), size):
+            yield (subjects[i:i + size], *rest)
+
+
+def run(cfg, workdir: str, log=print) -> list[dict]:
+    """Every cell of the evaluation; writes results.csv, results.md and plots/ into ``workdir``."""
+    from tqdm import tqdm
+    cells = cells_of(cfg, workdir)
+    runner = Runner(cfg, workdir, log)
+    done = {}
+    bar = tqdm(total=len(cells), desc="evaluate", unit="cell")
+    for subjects, *rest in subject_groups(cells, int(cfg.get("subject_batch", 1))):
+        bar.set_postfix_str("/".join(rest)[:60])
+        for s, row in zip(subjects, runner.cells(subjects, *rest)):
+            done[(s, *rest)] = row
+        bar.update(len(subjects))
+    bar.close()
+    rows = [done[c] for c in cells]
     rows = with_ism_drop(rows)
     write_results(workdir, rows, cfg)
     n_cached = sum(bool(r.get("cached")) for r in rows)

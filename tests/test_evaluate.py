@@ -142,3 +142,72 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert r.returncode != 0 and "methodz" in r.stderr and "Traceback" not in r.stderr
     r = run(f"--config.data={tmp_path}/nowhere")
     assert r.returncode != 0 and f"{tmp_path}/nowhere does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import jax, jax.numpy as jnp\n"
+              "from ldu_jax import cli\n"
+              "hits = []\n"
+              "jax.monitoring.register_event_listener(lambda e, **k: hits.append(e.endswith('cache_hits')))\n"
+              "path = cli.enable_compilation_cache()\n"
+              "jax.jit(lambda x: jnp.tanh(x @ x).sum())(jnp.ones((64, 64))).block_until_ready()\n"
+              "print(sum(hits), path)\n")
+
+    def run(cache):
+        env = {**os.environ, "LDU_JAX_COMPILE_CACHE": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        hits, _, path = r.stdout.strip().splitlines()[-1].partition(" ")
+        return int(hits), path
+
+    cache = str(tmp_path / "xla")
+    assert run(cache) == (0, cache) and os.listdir(cache)      # programs written ...
+    assert run(cache)[0] >= 1                                    # ... and loaded by the next run
+    assert run("") == (0, "")                                    # '' turns it off
+
+
+def test_subject_groups_split_by_cell_kind_and_size():
+    cells = [(s, m, "none", "ti") for s in ("a", "b", "c") for m in ("none", "ldu")]
+    assert list(evaluate.subject_groups(cells, 2)) == [(["a", "b"], "none", "none", "ti"), (["c"], "none", "none", "ti"),
+                                                      (["a", "b"], "ldu", "none", "ti"), (["c"], "ldu", "none", "ti")]
+    assert [g[0] for g in evaluate.subject_groups(cells, 1)] == [["a"], ["b"], ["c"]] * 2
+    with pytest.raises(ValueError, match="subject_batch"):
+        list(evaluate.subject_groups(cells, 0))
+
+
+def test_subjects_attacked_together_match_one_at_a_time(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from configs import eval_tiny
+    from ldu_jax import attack
+    batched = []
+    real = attack.Attacker.train_many
+    monkeypatch.setattr(attack.Attacker, "train_many", lambda self, kind, cfg, dirs, *a, **k:
+                        batched.append(len(dirs)) or real(self, kind, cfg, dirs, *a, **k))
+    c = eval_tiny.get_config()
+    c.data = evaluate.make_demo_subjects(str(tmp_path / "subjects"), 2)
+    c.methods, c.settings, c.attacks = ("none",), ("none",), ("ti",)
+    c.attack_overrides = {"ti": {"max_steps": 3, "save_every": 3}}
+    c.num_samples = 2
+    rows = {}
+    for size in (1, 2):
+        c.subject_batch = size
+        rows[size] = evaluate.run(c, str(tmp_path / f"w{size}"), log=lambda s: None)
+        assert [r["status"] for r in rows[size]] == ["done", "done"]
+    assert batched == [2]                       # subject_batch 2: one program for both subjects
+    assert not os.path.exists(tmp_path / "w2" / "groups" / "none" / "none" / "ti" / "subject_0+subject_1")
+    for subject in ("subject_0", "subject_1"):
+        samples = [os.path.join(tmp_path, f"w{size}", "cells", subject, "none", "none", "ti", "samples")
+                   for size in (1, 2)]
+        files = sorted(os.path.join(d, f) for d in os.listdir(samples[0]) for f in os.listdir(os.path.join(samples[0], d)))
+        assert len(files) == 2 * len(c_prompts(c))
+        for f in files:
+            a, b = (np.asarray(Image.open(os.path.join(s, f)), int) for s in samples)
+            np.testing.assert_allclose(a, b, atol=2)
+    assert rows[1][0]["brisque"] == pytest.approx(rows[2][0]["brisque"], abs=0.5)
+    assert set(rows[2][0]["time"]) >= {"protect", "purify", "load", "train", "generate", "metrics"}

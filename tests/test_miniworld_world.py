@@ -190,6 +190,35 @@ def test_v2_is_the_same_scene_as_v1_with_fine_structure():
     assert max(twins) < 0.5 * np.mean(others), (twins, np.mean(others))
 
 
+def test_sensor_noise_scales_only_the_noise():
+    ident = world.heldout_identities(1)[0]
+    sigma = world.make_variant(ident, 4).noise                  # std in [0, 1] units
+    assert sigma > 0.01
+    for style in world.STYLES:
+        full = world.render(ident, 4, 128, style=style)
+        np.testing.assert_array_equal(full, world.render(ident, 4, 128, style=style, sensor_noise=1.0))
+        clean = world.render(ident, 4, 128, style=style, sensor_noise=0.0)
+        half = world.render(ident, 4, 128, style=style, sensor_noise=0.5)
+        inside = (np.abs(clean) < 0.8) & (np.abs(full) < 0.99)    # away from clipping
+        # [-1, 1] is twice [0, 1]: the difference is the noise, of std 2 sigma (half of it at 0.5)
+        assert np.std((full - clean)[inside]) == pytest.approx(2 * sigma, rel=0.05)
+        assert np.std((half - clean)[inside]) == pytest.approx(sigma, rel=0.05)
+        np.testing.assert_array_equal(world.render_batch([ident], [4], 128, style, sensor_noise=0.0)[0], clean)
+
+
+def test_grain_scales_only_v2_white_grain():
+    ident = world.heldout_identities(2)[1]
+    v2 = world.render(ident, 1, 128, style="v2", sensor_noise=0.0)
+    np.testing.assert_array_equal(v2, world.render(ident, 1, 128, style="v2", sensor_noise=0.0, grain=1.0))
+    smooth = world.render(ident, 1, 128, style="v2", sensor_noise=0.0, grain=0.0)
+    diff = np.abs(v2 - smooth)
+    assert 0.003 < diff.mean() < 0.05                       # the grain, a small part of the picture ...
+    assert _fine_rms(smooth) < _fine_rms(v2)                 # ... and of its fine structure
+    assert np.abs(_blur(_to01(v2), 3.0) - _blur(_to01(smooth), 3.0)).mean() < 0.01   # the rest is the same
+    np.testing.assert_array_equal(world.render(ident, 1, 64, grain=0.0), world.render(ident, 1, 64))   # v1: none
+    np.testing.assert_array_equal(world.render_batch([ident], [1], 128, "v2", sensor_noise=0.0, grain=0.0)[0], smooth)
+
+
 def test_unknown_style_raises(tmp_path):
     ident = world.make_identity(0)
     calls = {"v3": lambda style: world.render(ident, 0, style=style),

@@ -124,6 +124,62 @@ def test_dreambooth_with_prior_lowers_loss(tiny, faces, tmp_path):
     assert os.path.exists(tmp_path / "model" / "unet")
 
 
+def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+    other = tmp_path / "other"                 # a second subject: the same images, flipped
+    other.mkdir()
+    for name in sorted(os.listdir(faces)):
+        Image.open(os.path.join(faces, name)).transpose(Image.FLIP_TOP_BOTTOM).save(other / name)
+    subjects = [faces, str(other)]
+    loads = []
+    real_load = sdm.load_sd
+    monkeypatch.setattr(sdm, "load_sd", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    cfgs = {"ti": ti_config(max_steps=6, save_every=6, log_every=3),
+            "dreambooth": db_config(max_steps=4, save_every=4, log_every=2)}
+    cfgs["dreambooth"].class_images_dir = str(tmp_path / "class")
+    attacker = attack.Attacker(cfgs["ti"].model)
+    quiet = lambda s: None  # noqa: E731
+    one, many = {}, {}
+    for kind, cfg in cfgs.items():
+        for i, subject in enumerate(subjects):
+            one[kind, i] = attacker.run(kind, cfg, subject, str(tmp_path / "one" / kind / str(i)), quiet,
+                                        save_model=False)
+            assert set(attacker.timing) == {"load", "train", "generate"}
+        out = attacker.run_many(kind, cfg, subjects, [str(tmp_path / "many" / kind / str(i)) for i in range(2)],
+                                str(tmp_path / "group" / kind), quiet, save_model=False)
+        many.update({(kind, i): o for i, o in enumerate(out)})
+    assert len(loads) == 1                      # one model for every run
+    assert len(attacker._updates) == 4          # one step per attack, one per attack batched over 2 subjects,
+    assert all(u._cache_size() == 1 for u in attacker._updates.values())   # each traced once
+    assert not os.path.exists(tmp_path / "one" / "dreambooth" / "1" / "model")   # save_model=False
+    assert os.listdir(tmp_path / "group" / "ti" / "4-images")   # the stacked states' checkpoints
+    # batched = one at a time: the learned TI rows, and every sample of both attacks
+    for i in range(2):
+        a, b = (load_file(str(tmp_path / d / "ti" / str(i) / "learned_embeds.safetensors")) for d in ("one", "many"))
+        np.testing.assert_allclose(a["<sks>"] if "<sks>" in a else next(iter(a.values())),
+                                   b["<sks>"] if "<sks>" in b else next(iter(b.values())), rtol=1e-4, atol=1e-5)
+    for key, out in one.items():
+        for prompt in out:
+            np.testing.assert_allclose(out[prompt].astype(int), many[key][prompt].astype(int), atol=2)
+    # ... and the same as a fresh attacker (the path before sharing)
+    fresh = attack.run("dreambooth", cfgs["dreambooth"], faces, str(tmp_path / "fresh"), quiet)
+    for prompt in fresh:
+        np.testing.assert_allclose(fresh[prompt].astype(int), one["dreambooth", 0][prompt].astype(int), atol=1)
+    # the subjects differ, so equal results are not a constant
+    assert np.abs(next(iter(one["dreambooth", 0].values())).astype(int)
+                  - next(iter(one["dreambooth", 1].values())).astype(int)).mean() > 0.5
+    a = load_file(str(tmp_path / "one" / "ti" / "0" / "learned_embeds.safetensors"))
+    b = load_file(str(tmp_path / "one" / "ti" / "1" / "learned_embeds.safetensors"))
+    assert np.abs(next(iter(a.values())) - next(iter(b.values()))).max() > 1e-4
+    three = tmp_path / "three"
+    three.mkdir()
+    for name in sorted(os.listdir(faces))[:3]:
+        Image.open(os.path.join(faces, name)).save(three / name)
+    with pytest.raises(ValueError, match="same number of images"):
+        attacker.train_many("ti", cfgs["ti"], [faces, str(three)], [str(tmp_path / "x")] * 2, str(tmp_path / "g2"),
+                            quiet)
+
+
 def test_lora_trains_only_adapters(tiny, faces):
     sd, params = tiny
     cfg = db_config(lora_rank=2, prior_weight=0.0)

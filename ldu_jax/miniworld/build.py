@@ -56,10 +56,11 @@ def configs(profile: str = "full") -> dict:
 
 
 def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64, scene: bool = False,
-                  style: str = "v1"):
+                  style: str = "v1", sensor_noise: float = 1.0, grain: float = 1.0):
     """``start_step -> iterator`` of (images [B, size, size, 3] in [-1, 1], captions): random training
     identities and fresh variants, batch k a function of (seed, k) only (so a resumed run continues).
-    ``scene``: scene captions (``world.caption``); ``style``: ``world.STYLES``."""
+    ``scene``: scene captions (``world.caption``); ``style``: ``world.STYLES``; ``sensor_noise``,
+    ``grain``: ``world.render``'s."""
     idents = world.train_identities(n_identities, 0)
 
     def batches(start: int):
@@ -68,7 +69,8 @@ def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64,
             rng = np.random.default_rng([seed, step])
             who = rng.integers(0, len(idents), batch_size)
             var = rng.integers(0, 10 ** 6, batch_size)
-            yield (world.render_batch([idents[i] for i in who], var, size, style=style),
+            yield (world.render_batch([idents[i] for i in who], var, size, style=style, sensor_noise=sensor_noise,
+                                     grain=grain),
                    [world.caption(idents[i], v, scene) for i, v in zip(who, var)])
             step += 1
     return batches

@@ -192,7 +192,7 @@ def measure_encoder(w: World, steps: int = 200, batch: int = 8) -> dict:
 
 
 def encoder_along_run(vae_workdir: str, style: str = "v2", n_images: int = 8, steps: int = 200,
-                      log=print) -> list[dict]:
+                      log=print, sensor_noise: float = 1.0) -> list[dict]:
     """``encoder_attack`` at every kept checkpoint of a ``train_vae`` run (does the encoder grow
     fragile as it learns?), on held-out portraits of ``style`` at the run's resolution."""
     import jax
@@ -209,7 +209,8 @@ def encoder_along_run(vae_workdir: str, style: str = "v2", n_images: int = 8, st
             raise ValueError(f"{vae_workdir} is not a VAE run (its checkpoint says kind={meta.get('kind')!r})")
         size = int(meta["data_shape"][0])
         vae = vae_lib.VAE(train_vae.make_vae_module(ml_collections.ConfigDict(meta["model"])), None)
-        x = np.stack([world.render(h, 0, size, np.uint8, style=style) for h in world.heldout_identities(n_images)])
+        x = np.stack([world.render(h, 0, size, np.uint8, style=style, sensor_noise=sensor_noise)
+                      for h in world.heldout_identities(n_images)])
         r = {"step": int(step), **encoder_attack(vae, jax.tree_util.tree_map(np.asarray, state["params"]), x, steps)}
         log(f"step {step}: reconstruction {r['psnr_rec_clean']:.1f} dB, attacked {r['psnr_rec_protected']:.1f} dB "
             f"(drop {r['psnr_drop']:.2f}), latent moved {100 * r['latent_rel_change']:.0f}%")

@@ -634,35 +634,54 @@ def _skin_like(colour, rng, size):
 
 # -------------------------------------------------------------------------------- rendering
 
-def render(identity: Identity, variant: int, size: int = 64, dtype=np.float32, style: str = "v1") -> np.ndarray:
+def render(identity: Identity, variant: int, size: int = 64, dtype=np.float32, style: str = "v1",
+           sensor_noise: float = 1.0, grain: float = 1.0) -> np.ndarray:
     """One photo of ``identity``: float32 HxWx3 in [-1, 1] (``dtype=np.uint8``: uint8 pixels).
-    ``style``: "v1" flat shapes, or "v2" the same shapes and scene with fine texture (module doc)."""
+    ``style``: "v1" flat shapes, or "v2" the same shapes and scene with fine texture (module doc).
+    The calibration's knobs: ``sensor_noise`` scales the variant's sensor noise, ``grain`` v2's
+    per-pixel white grain in skin, hair, cloth and backgrounds (0: none; the rest is unchanged)."""
     _check_style(style)
     var = make_variant(identity, variant)
     rng = np.random.default_rng([0xB6, identity.seed, int(variant)])
     img = _background(size, var.background, var.bg_colours, rng)
-    tex = None if style == "v1" else np.random.default_rng([0x7F, identity.seed, int(variant)])
+    tex = None if style == "v1" else _Texture(np.random.default_rng([0x7F, identity.seed, int(variant)]), grain)
     if tex is not None:
         img = _bg_texture(img, tex)
     _draw_person(img, identity, var, size, tex=tex)
-    out = _camera(img, var, rng, tex)
+    out = _camera(img, var, rng, tex, sensor_noise)
     return data_lib.to_uint8(out) if dtype == np.uint8 else out
 
 
-def _camera(img, var: Variant, rng, tex):
+class _Texture:
+    """v2's texture stream: a numpy Generator whose white-noise draws (``standard_normal``, the
+    grain) are scaled by ``grain``; every other draw, and so every other texture, is unchanged."""
+
+    def __init__(self, rng: np.random.Generator, grain: float = 1.0):
+        self.rng, self.grain = rng, np.float32(grain)
+
+    def __getattr__(self, name):
+        return getattr(self.rng, name)
+
+    def standard_normal(self, *args, **kwargs):
+        return self.grain * self.rng.standard_normal(*args, **kwargs)
+
+
+def _camera(img, var: Variant, rng, tex, sensor_noise: float = 1.0):
     """The scene in [0, 1] to a photo in [-1, 1]: v2's sharpening and vignetting (drawn from
     ``tex``; None: v1), the variant's light, and sensor noise drawn from ``rng``."""
     if tex is not None:
         img = _sharpen(img, tex.uniform(0.3, 0.6))
     img = _light(img, var, 0.0 if tex is None else tex.uniform(0.1, 0.3)) \
-        + rng.normal(0.0, var.noise, img.shape).astype(np.float32)
+        + rng.normal(0.0, var.noise * sensor_noise, img.shape).astype(np.float32)
     return (np.clip(img, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
 
 
-def render_batch(identities, variants, size: int = 64, style: str = "v1") -> np.ndarray:
+def render_batch(identities, variants, size: int = 64, style: str = "v1", sensor_noise: float = 1.0,
+                 grain: float = 1.0) -> np.ndarray:
     """[N, size, size, 3] float32 in [-1, 1]."""
     _check_style(style)
-    return np.stack([render(i, v, size, style=style) for i, v in zip(identities, variants)])
+    return np.stack([render(i, v, size, style=style, sensor_noise=sensor_noise, grain=grain)
+                     for i, v in zip(identities, variants)])
 
 
 # -------------------------------------------------------------------------------- non-faces

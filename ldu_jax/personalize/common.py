@@ -69,12 +69,13 @@ def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: fl
     sched = sch.make_schedule(sd.scheduler)
     f = sd.resolution // (2 ** (len(sd.vae.config.block_out_channels) - 1))
     shape = (f, f, int(sd.vae.config.latent_channels))
-    uncond = sdm.text_embed(sd, params["text_encoder"], sdm.tokenize(sd, [""]))
+    embed = _embedder(sd)
+    uncond = embed(params["text_encoder"], sdm.tokenize(sd, [""]))
     predict = _predictor(sd)
     decode = vae_lib.decoder(sd.vae)
     out = {}
     for pi, prompt in enumerate(prompts):
-        cond = sdm.text_embed(sd, params["text_encoder"], sdm.tokenize(sd, [prompt]))
+        cond = embed(params["text_encoder"], sdm.tokenize(sd, [prompt]))
         imgs = []
         for start in range(0, n_per_prompt, batch):
             b = min(batch, n_per_prompt - start)
@@ -85,6 +86,12 @@ def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: fl
             imgs.append(data_lib.to_uint8(np.asarray(decode(params["vae"], z))[:b]))
         out[prompt] = np.concatenate(imgs)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _embedder(sd):
+    """A jitted ``embed(text_encoder_params, ids)`` per model (compiled once per model and shape)."""
+    return jax.jit(lambda p, ids: sdm.text_embed(sd, p, ids))
 
 
 @functools.lru_cache(maxsize=None)

@@ -162,9 +162,11 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
     return (lambda x: np.asarray(fn(params, jax.device_put(jnp.asarray(x), dsh)))), res
 
 
-def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, output_dir: str, log=print):
+def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, output_dir: str, log=print,
+                protector=None):
     """Protect every image of ``input_dir`` into ``output_dir`` (``<stem>.png`` + report.csv);
-    returns the report rows. The library side of ``perturb.py apply``.
+    returns the report rows. The library side of ``perturb.py apply``. ``protector``: what
+    ``make_protector(method, config, checkpoint)`` returned, to reuse across folders.
 
     The budget every written file meets: LDU's pixel MSE (``config.eps`` on [-1, 1]); for the
     baselines the L-inf bound ``config.eps`` on the [0, 1] scale."""
@@ -176,7 +178,7 @@ def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, out
     else:
         budget = pio.Budget("mse", float(config.eps))
     pio.check_dirs(input_dir, output_dir)
-    protect_batch, res = make_protector(method, config, checkpoint, log)
+    protect_batch, res = protector or make_protector(method, config, checkpoint, log)
     return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log)
 
 
