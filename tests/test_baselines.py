@@ -192,6 +192,19 @@ def test_protect_dir_writes_files_within_linf(tmp_path):
         prun.protect_dir("advdm", c, None, str(src), str(tmp_path / "out2"), log=lambda s: None)
 
 
+def test_a_folder_protection_does_not_depend_on_earlier_folders():
+    # the evaluation reuses one protector for every subject: batch i of a folder draws from i only
+    c = tiny_cfg("advdm")
+    c.steps = 2
+    protect_batch, res = bl.make_protector("advdm", c, log=lambda s: None)
+    x = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (c.apply_batch, res, res, 3), minval=-1, maxval=1))
+    first = protect_batch(x, 0)
+    protect_batch(x[::-1], 0)
+    protect_batch(x, 1)
+    np.testing.assert_array_equal(protect_batch(x, 0), first)
+    assert np.abs(protect_batch(x, 1) - first).max() > 0     # the draws (t, noise) do depend on i
+
+
 def test_targets_and_config_checks(tiny, tmp_path):
     t = bl.pattern_image(64)
     assert t.shape == (64, 64, 3) and t.min() >= -1 and t.max() <= 1 and t.std() > 0.3

@@ -76,8 +76,8 @@ def _run(folder, tmp_path, budget, fn, logs=None):
     root = folder[0]
     calls = []
 
-    def protect_batch(x):
-        calls.append(x.shape)
+    def protect_batch(x, index):
+        calls.append((index, x.shape))
         return fn(x)
 
     rows = pio.protect_folder(root, tmp_path / 'out', 'fake', RES, budget, protect_batch, BATCH,
@@ -93,7 +93,7 @@ def test_protect_folder_meets_budget_and_keeps_inputs(folder, tmp_path, budget):
     logs = []
     rows, calls = _run(folder, tmp_path, budget, _strong, logs)
     assert _hashes(root) == before  # inputs untouched, nothing new in the input folder
-    assert calls == [(BATCH, RES, RES, 3)] * 2  # 6 good images, last batch padded
+    assert calls == [(i, (BATCH, RES, RES, 3)) for i in range(2)]  # 6 good images, last batch padded
     out = tmp_path / 'out'
     by_file = {r['file']: r for r in rows}
     assert set(by_file) == set(sizes) | bad

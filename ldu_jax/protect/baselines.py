@@ -24,7 +24,6 @@ DreamBooth surrogates with prior preservation 'class_images' [N, R, R, 3] and 'c
 """
 from __future__ import annotations
 
-import itertools
 import os
 
 import jax
@@ -536,18 +535,18 @@ def load(method: str, cfg, log=print):
 
 
 def make_protector(method: str, cfg, log=print):
-    """(protect_batch(x [apply_batch, R, R, 3] in [-1, 1]) -> x', resolution): one jit, the batch
-    sharded over the devices, parameters replicated; batch i uses key fold_in(PRNGKey(seed), i)."""
+    """(protect_batch(x [apply_batch, R, R, 3] in [-1, 1], i) -> x', resolution): one jit, the batch
+    sharded over the devices, parameters replicated; a folder's batch i uses key
+    fold_in(PRNGKey(seed), i) (the same for every folder, whatever was protected before)."""
     sd, params, res = load(method, cfg, log)
     mesh = parallel.batch_mesh(cfg.apply_batch)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
     params = jax.device_put(params, rep)
     fn = jax.jit(lambda p, x, k: protect(method, sd, p, x, k, cfg)[0], out_shardings=dsh)
-    counter = itertools.count()
     base = jax.random.PRNGKey(cfg.seed)
 
-    def protect_batch(x):
-        k = jax.random.fold_in(base, next(counter))
+    def protect_batch(x, index: int):
+        k = jax.random.fold_in(base, index)
         return np.asarray(fn(params, jax.device_put(jnp.asarray(x, jnp.float32), dsh), k))
 
     return protect_batch, res

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import itertools
 import os
 import pathlib
 import tempfile
@@ -305,12 +306,14 @@ def _error_row(file: str, method: str, error: str) -> dict:
 
 
 def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: Budget,
-                   protect_batch: Callable[[np.ndarray], np.ndarray], batch_size: int,
+                   protect_batch: Callable[[np.ndarray, int], np.ndarray], batch_size: int,
                    log: Callable[[str], None] = print, max_pixels: int | None = None) -> list[dict]:
     """Protect every image under `input_dir` into `output_dir/<name>.png` plus `report.csv`.
 
-    `protect_batch` maps [batch_size, R, R, 3] float32 in [-1, 1] to the same shape; it is always
-    called with exactly `batch_size` rows (the last batch is padded by repetition). Only a batch's
+    `protect_batch(x, i)` maps batch number `i` of the folder, [batch_size, R, R, 3] float32 in
+    [-1, 1], to the same shape (a random protection draws from `i`, so a folder's result does not
+    depend on what the protector did before); it is always called with exactly `batch_size` rows
+    (the last batch is padded by repetition). Only a batch's
     decoded images are held in memory. Rows follow the input order; 'file' is the input path
     relative to `input_dir`, 'seconds' the batch's model time / n plus the image's own time.
     """
@@ -329,11 +332,13 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
     rows: dict[pathlib.Path, dict] = {}
     bad: list[tuple[pathlib.Path, str]] = []
 
+    batches = itertools.count()
+
     def run(batch: list[Item]) -> None:
         x = np.stack([it.model_input for it in batch]).astype(np.float32)
         x = x[np.arange(batch_size) % len(batch)]  # pad by repeating: one compiled shape
         t0 = time.perf_counter()
-        y = np.asarray(protect_batch(x), np.float32)
+        y = np.asarray(protect_batch(x, next(batches)), np.float32)
         model_s = (time.perf_counter() - t0) / len(batch)
         if y.shape != x.shape:
             raise ValueError(f'protect_batch returned shape {y.shape}, expected {x.shape}')

@@ -133,7 +133,7 @@ def rho_checkpoint(path: str):
 
 
 def make_protector(method: str, config, checkpoint: str | None, log=print):
-    """(protect_batch(x [B,R,R,3] in [-1,1]) -> x', resolution) for ``ldu`` or ``ldu-opt``, or a
+    """(protect_batch(x [B,R,R,3] in [-1,1], batch index) -> x', resolution) for ``ldu`` or ``ldu-opt``, or a
     pixel-space baseline (``baselines.METHODS``: advdm, aspl, fsmg, photoguard, mist, sds, sds-, pid)
     with its ``configs/protect_<method>_*.py`` config."""
     from ldu_jax.protect import baselines
@@ -159,7 +159,7 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
         fn = jax.jit(lambda p, x: ldu.optimize_shift(models, p, x, *ids, key, config)[0], out_shardings=dsh)
     else:
         raise ValueError(f"unknown LDU method {method!r}")
-    return (lambda x: np.asarray(fn(params, jax.device_put(jnp.asarray(x), dsh)))), res
+    return (lambda x, index: np.asarray(fn(params, jax.device_put(jnp.asarray(x), dsh)))), res   # no draws
 
 
 def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, output_dir: str, log=print,
