@@ -208,8 +208,12 @@ class Attacker:
             raise ValueError(f"unknown attack {kind!r}; one of {KINDS}")
         self.timing = {"load": 0.0}
         t = time.time()
+        if len(images_dirs) != len(workdirs):
+            raise ValueError(f"{len(images_dirs)} image folders but {len(workdirs)} work dirs")
         if len(images_dirs) == 1:
             results = [self.train(kind, config, images_dirs[0], workdirs[0], log, save_model)]
+        elif not group_dir:
+            raise ValueError("run_many on several folders needs a group_dir for their stacked checkpoints")
         else:
             counts = [len(data_lib.list_images(d)) for d in images_dirs]
             results = [None] * len(images_dirs)

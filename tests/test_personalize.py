@@ -180,6 +180,16 @@ def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path,
                             quiet)
 
 
+def test_run_many_argument_errors(faces, tmp_path):
+    a = attack.Attacker("tiny")
+    with pytest.raises(ValueError, match="work dirs"):
+        a.run_many("ti", ti_config(), [faces, faces], [str(tmp_path)], str(tmp_path / "g"))
+    with pytest.raises(ValueError, match="group_dir"):
+        a.run_many("ti", ti_config(), [faces, faces], [str(tmp_path / "a"), str(tmp_path / "b")], None)
+    with pytest.raises(ValueError, match="unknown attack"):
+        a.run_many("lora", ti_config(), [faces], [str(tmp_path)], None)
+
+
 def test_lora_trains_only_adapters(tiny, faces):
     sd, params = tiny
     cfg = db_config(lora_rank=2, prior_weight=0.0)
