@@ -163,12 +163,15 @@ class Attacker:
         state = self._train(plan, plan.init, update, plan.args, config=config, workdir=workdir, kind=kind, log=log)
         return plan.finish(state, workdir, save_model)
 
-    def train_many(self, kind, config, images_dirs, workdirs, group_dir: str, log=print, save_model: bool = True):
+    def train_many(self, kind, config, images_dirs, workdirs, group_dir: str, log=print, save_model: bool = True,
+                   images=None):
         """Train attack ``kind`` on several folders of equally many images as one program (the
         step vmapped over a subject axis); [(sd, params, token)] in order. Every subject's result
         equals ``train`` on its folder alone (up to float rounding): the same draws, its own
-        state. Checkpoints of the stacked states go to ``group_dir``, each result to its workdir."""
-        images = [self._images(config, d, log) for d in images_dirs]
+        state. Checkpoints of the stacked states go to ``group_dir``, each result to its workdir.
+        ``images``: the folders' images if the caller has loaded them."""
+        if images is None:
+            images = [self._images(config, d, log) for d in images_dirs]
         if len({x.shape for x in images}) != 1:
             raise ValueError(f"train_many needs folders of the same number of images, got "
                              f"{', '.join(f'{d}: {len(x)}' for d, x in zip(images_dirs, images))}")
@@ -215,7 +218,8 @@ class Attacker:
         elif not group_dir:
             raise ValueError("run_many on several folders needs a group_dir for their stacked checkpoints")
         else:
-            counts = [len(data_lib.list_images(d)) for d in images_dirs]
+            images = [self._images(config, d, log) for d in images_dirs]   # the usable images, counted
+            counts = [len(x) for x in images]
             results = [None] * len(images_dirs)
             for c in sorted(set(counts)):
                 idx = [i for i, k in enumerate(counts) if k == c]
@@ -223,7 +227,8 @@ class Attacker:
                     out = [self.train(kind, config, images_dirs[idx[0]], workdirs[idx[0]], log, save_model)]
                 else:
                     out = self.train_many(kind, config, [images_dirs[i] for i in idx], [workdirs[i] for i in idx],
-                                          os.path.join(group_dir, f"{c}-images"), log, save_model)
+                                          os.path.join(group_dir, f"{c}-images"), log, save_model,
+                                          images=[images[i] for i in idx])
                 for i, r in zip(idx, out):
                     results[i] = r
         t2 = time.time()
