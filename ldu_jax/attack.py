@@ -19,6 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
@@ -91,9 +92,10 @@ class Attacker:
         sd, _ = self.loaded()
         return common.load_instance_images(images_dir, sd.resolution, config.min_images, log)
 
-    def _plan(self, kind, config, images, workdir, log) -> _Plan:
-        mesh = parallel.batch_mesh(config.batch_size)
-        dsh = parallel.data_sharding(mesh)
+    def _plan(self, kind, config, images, workdir, log, mesh=None, dsh=None) -> _Plan:
+        """``dsh``: how the step shards its batch (default: over ``mesh``'s data axis)."""
+        mesh = parallel.batch_mesh(config.batch_size) if mesh is None else mesh
+        dsh = parallel.data_sharding(mesh) if dsh is None else dsh
         if kind == "ti":
             sd, params, token_id = self.with_placeholder(config.placeholder_token, config.init_word)
             tx, lr = ti.make_optimizer(config, config.batch_size)
@@ -139,16 +141,18 @@ class Attacker:
                                          config.seed, dsh),
             (dreambooth.frozen_params(params, config), images, class_images, ids[0], ids[1]), finish, mesh)
 
-    def _train(self, plan: _Plan, init, update, args, *, config, workdir, kind, log):
-        """Shared driver: replicated state and inputs, data-sharded batches inside the step."""
+    def _train(self, plan: _Plan, init, update, args, *, config, workdir, kind, log, shardings=None,
+               arg_shardings=None):
+        """Shared driver: the state and inputs in ``shardings(abstract state)`` and
+        ``arg_shardings`` (default: replicated), data-sharded batches inside the step."""
         rep = parallel.replicated(plan.mesh)
         key = jax.random.PRNGKey(config.seed)
         abstract = jax.eval_shape(init, key)
-        shardings = jax.tree_util.tree_map(lambda _: rep, abstract)
+        shardings = (shardings or (lambda a: jax.tree_util.tree_map(lambda _: rep, a)))(abstract)
         meta = {"kind": kind, "model": config.model, "param_shapes": ckpt.param_shapes(abstract)}
         manager = ckpt.make_manager(workdir, config.keep)
         state = loop.init_or_restore(init, key, shardings, manager, meta, workdir, log, jit_init=False)
-        args = jax.device_put(args, rep)
+        args = jax.device_put(args, arg_shardings or rep)
         total = config.max_steps * config.grad_accum
         return loop.train_loop(state, update, itertools.repeat(args), manager=manager, meta=meta, workdir=workdir,
                                max_steps=total, log_every=config.log_every, save_every=config.save_every,
@@ -166,7 +170,8 @@ class Attacker:
     def train_many(self, kind, config, images_dirs, workdirs, group_dir: str, log=print, save_model: bool = True,
                    images=None):
         """Train attack ``kind`` on several folders of equally many images as one program (the
-        step vmapped over a subject axis); [(sd, params, token)] in order. Every subject's result
+        step vmapped over a subject axis, sharded over the devices: ``parallel.subject_mesh``);
+        [(sd, params, token)] in order. Every subject's result
         equals ``train`` on its folder alone (up to float rounding): the same draws, its own
         state. Checkpoints of the stacked states go to ``group_dir``, each result to its workdir.
         ``images``: the folders' images if the caller has loaded them."""
@@ -178,11 +183,23 @@ class Attacker:
         for d in [group_dir, *workdirs]:
             os.makedirs(d, exist_ok=True)
         n = len(images)
-        plan = self._plan(kind, config, images[0], group_dir, log)
+        mesh = parallel.subject_mesh(n, config.batch_size)
+        # the step runs inside shard_map (below), where a bare spec names the data axis of its mesh
+        plan = self._plan(kind, config, images[0], group_dir, log, mesh, dsh=P(parallel.AXIS))
+        log(f"{kind}: {n} subjects in one program, on a {' x '.join(map(str, mesh.devices.shape))} device mesh "
+            f"({' x '.join(mesh.axis_names)})")
         args = (plan.args[0], np.stack(images)) + plan.args[2:]
+        rep, sub = parallel.replicated(mesh), NamedSharding(mesh, P(parallel.SUBJECTS))
 
         def make_step():
-            step = jax.vmap(plan.make_step(), in_axes=(0, None, 0) + (None,) * (len(args) - 2))
+            # Each device group runs its own subjects (shard_map, manual over the subject axis; the
+            # data axis stays automatic). Not vmap with spmd_axis_name: XLA's partitioner miscomputes
+            # a vmapped 1x1 conv whose kernel is batched and sharded over the vmapped axis (DreamBooth's
+            # UNet: the loss off by 1%), while inside shard_map each group's grouped conv is local.
+            step = jax.shard_map(jax.vmap(plan.make_step(), in_axes=(0, None, 0) + (None,) * (len(args) - 2)),
+                                 mesh=mesh, in_specs=(P(parallel.SUBJECTS), P(), P(parallel.SUBJECTS))
+                                 + (P(),) * (len(args) - 2), out_specs=P(parallel.SUBJECTS),
+                                 axis_names={parallel.SUBJECTS})
 
             def batched(b: SubjectBatch, *a):
                 states, info = step(b.states, *a)
@@ -195,7 +212,9 @@ class Attacker:
             return SubjectBatch(jnp.zeros((), jnp.int32),
                                 jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), one))
         update = self._update(plan.key + (("subjects", n),), make_step)
-        batch = self._train(plan, init, update, args, config=config, workdir=group_dir, kind=kind, log=log)
+        batch = self._train(plan, init, update, args, config=config, workdir=group_dir, kind=kind, log=log,
+                            shardings=lambda a: SubjectBatch(rep, jax.tree_util.tree_map(lambda _: sub, a.states)),
+                            arg_shardings=(rep, sub) + (rep,) * (len(args) - 2))
         return [plan.finish(jax.tree_util.tree_map(lambda x, i=i: x[i], batch.states), w, save_model)
                 for i, w in enumerate(workdirs)]
 

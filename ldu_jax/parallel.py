@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
+SUBJECTS = "subjects"   # the evaluation's subject axis (attacks of several subjects in one program)
 
 
 def _multihost_env() -> bool:
@@ -47,6 +48,17 @@ def batch_mesh(batch_size: int) -> Mesh:
     devices = jax.devices()
     n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0 and len(devices) % d == 0)
     return make_mesh(devices[:n])
+
+
+def subject_mesh(n_subjects: int, batch_size: int) -> Mesh:
+    """A 2-D Mesh (``subjects``, ``data``): each subject's batch over the devices ``batch_mesh``
+    gives one subject alone (so its sums run in the same order and its result equals a run on its
+    own), and the subjects over the most of the remaining devices that divide ``n_subjects``."""
+    devices = jax.devices()
+    b = batch_mesh(batch_size).devices.size
+    rest = len(devices) // b
+    s = max(d for d in range(1, rest + 1) if n_subjects % d == 0 and rest % d == 0)
+    return Mesh(np.asarray(devices[:s * b]).reshape(s, b), (SUBJECTS, AXIS))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -134,8 +134,9 @@ def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path,
     loads = []
     real_load = sdm.load_sd
     monkeypatch.setattr(sdm, "load_sd", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    cfgs = {"ti": ti_config(max_steps=6, save_every=6, log_every=3),
-            "dreambooth": db_config(max_steps=4, save_every=4, log_every=2)}
+    # batch 4: each subject's batch over 4 devices (as alone), the 2 subjects over 2 x 4
+    cfgs = {"ti": ti_config(max_steps=6, save_every=6, log_every=3, batch_size=4),
+            "dreambooth": db_config(max_steps=4, save_every=4, log_every=2, batch_size=4)}
     cfgs["dreambooth"].class_images_dir = str(tmp_path / "class")
     attacker = attack.Attacker(cfgs["ti"].model)
     quiet = lambda s: None  # noqa: E731
@@ -145,9 +146,12 @@ def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path,
             one[kind, i] = attacker.run(kind, cfg, subject, str(tmp_path / "one" / kind / str(i)), quiet,
                                         save_model=False)
             assert set(attacker.timing) == {"load", "train", "generate"}
+        logs = []
         out = attacker.run_many(kind, cfg, subjects, [str(tmp_path / "many" / kind / str(i)) for i in range(2)],
-                                str(tmp_path / "group" / kind), quiet, save_model=False)
+                                str(tmp_path / "group" / kind), logs.append, save_model=False)
         many.update({(kind, i): o for i, o in enumerate(out)})
+        # 8 devices: each subject's batch of 4 over 4 of them, the 2 subjects side by side
+        assert any("2 subjects in one program, on a 2 x 4 device mesh (subjects x data)" in m for m in logs), logs
     assert len(loads) == 1                      # one model for every run
     assert len(attacker._updates) == 4          # one step per attack, one per attack batched over 2 subjects,
     assert all(u._cache_size() == 1 for u in attacker._updates.values())   # each traced once
@@ -247,3 +251,14 @@ def test_ti_step_on_8_devices_equals_1_device(tiny, faces):
             state, _ = step(state, params, images, ids)
         rows.append(np.asarray(state.row))
     np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("subjects,batch,shape", [(2, 8, (1, 8)), (8, 1, (8, 1)), (3, 2, (1, 2)), (4, 2, (4, 2)),
+                                                  (6, 4, (2, 4)), (1, 3, (1, 1)), (8, 4, (2, 4))])
+def test_subject_mesh_keeps_the_batch_layout_then_spreads_subjects(subjects, batch, shape):
+    assert len(jax.devices()) == 8
+    mesh = parallel.subject_mesh(subjects, batch)
+    assert mesh.axis_names == (parallel.SUBJECTS, parallel.AXIS)
+    assert mesh.devices.shape == shape
+    assert shape[1] == parallel.batch_mesh(batch).devices.size   # each subject's batch as in a run alone
+    assert len(set(mesh.devices.flat)) == shape[0] * shape[1]
