@@ -13,7 +13,6 @@ and the posterior's std over the latents' std (how much noise the decoder learne
 Runs resume from their checkpoints; finished measurements are cached in ``<workdir>/rows.json``.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from configs import miniworld_vae  # noqa: E402
 from ldu_jax import checkpoint as ckpt  # noqa: E402
-from ldu_jax.evaluate import _read_json, _write_json  # noqa: E402
+from ldu_jax import files  # noqa: E402
 from ldu_jax.miniworld import build, calibrate, train_vae, world  # noqa: E402
 from ldu_jax.sd import vae as vae_lib  # noqa: E402
 
@@ -43,6 +42,7 @@ VARIANTS = {
     "wide": (WIDE, {}),
     "clean-wide": (WIDE, {"sensor_noise": 0.0}),
     "l2": ({"loss.rec": "l2", "loss.edge_weight": 0.0}, {}),
+    "c16": ({"model.latent_channels": 16}, {}),            # 4x the latent (SD3's 16 channels): sharper
 }
 
 
@@ -80,7 +80,7 @@ def main():
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
     cache = os.path.join(args.workdir, "rows.json")
-    rows = _read_json(cache) if os.path.exists(cache) else {}
+    rows = files.read_json(cache) or {}
     for name in names:
         c, look = variant_config(name, args.size, args.steps, args.save_every)
         run = os.path.join(args.workdir, f"{name}-{args.size}")
@@ -100,7 +100,7 @@ def main():
             r = calibrate.encoder_attack(vae_lib.VAE(module, None), params, x, args.attack_steps)
             r["posterior_noise"] = posterior_noise(module, params, x)
             rows[key] = r
-            _write_json(cache, rows)
+            files.write_json(cache, rows)
             print(f"{key}: rec {r['psnr_rec_clean']:.1f} dB, attacked {r['psnr_rec_protected']:.1f} "
                   f"(drop {r['psnr_drop']:.2f}), latent {100 * r['latent_rel_change']:.0f}%", flush=True)
     print("\n| variant | step | rec dB | attacked dB | drop dB | latent moved | amplification | posterior noise |")

@@ -5,16 +5,14 @@ Images are float32 HxWx3 arrays in [-1, 1]. Nothing here uses JAX or global stat
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ldu_jax import files
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
@@ -224,33 +222,14 @@ def to_uint8(array) -> np.ndarray:
     return np.clip(np.rint((array.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-@contextlib.contextmanager
-def atomic_dir(dest):
-    """``with atomic_dir(dest) as tmp:`` fill the folder ``tmp`` (``<dest>.tmp``, absent on entry);
-    on success it replaces ``dest``, on an exception ``dest`` is left as it was."""
-    dest = str(dest).rstrip("/")
-    tmp = dest + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-
-
 def save_image_atomic(path, array) -> None:
     """Write an image (HxW[x3], float in [-1, 1] or uint8) via a temp file and os.replace."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = Image.registered_extensions().get(path.suffix.lower(), 'PNG')
     array = to_uint8(array)
     img = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            img.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with files.atomic_write(path) as f:
+        img.save(f, format=fmt)
 
 
 def make_grid(images, ncol: int, pad: int = 2) -> np.ndarray:

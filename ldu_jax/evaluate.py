@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import math
 import os
 import re
 import shutil
-import tempfile
 import time
 
 import ml_collections
@@ -36,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ldu_jax import data as data_lib
+from ldu_jax import files
 
 COLUMNS = ("subject", "method", "setting", "attack", "status", "reason", "n_protected", "psnr", "ssim",
            "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "ism_drop", "fd_identity",
@@ -221,22 +220,6 @@ def generation_metrics(generated, reference, metrics: Metrics, others=()) -> dic
 
 # ---------------------------------------------------------------------------- the cells
 
-def _write_json(path: str, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 class Runner:
     def __init__(self, cfg, workdir: str, log=print):
         self.cfg, self.workdir, self.log = cfg, workdir, log
@@ -275,7 +258,7 @@ class Runner:
             return clean, {"n_protected": len(read_images(clean)[0]), "psnr": math.inf, "ssim": 1.0, "linf": 0.0}
         base = os.path.join(self.workdir, "cells", subject, method)
         out = os.path.join(base, "protected")
-        done = _read_json(os.path.join(base, "protect.json"))
+        done = files.read_json(os.path.join(base, "protect.json"))
         if done is not None:
             return out, done
         cfg = self.method_config(method)
@@ -290,7 +273,7 @@ class Runner:
         if bad:
             raise RuntimeError(f"{method} could not protect {', '.join(bad)} of {clean}")
         stats = imperceptibility(clean, out, self.metrics)
-        _write_json(os.path.join(base, "protect.json"), stats)
+        files.write_json(os.path.join(base, "protect.json"), stats)
         return out, stats
 
     # -- purification
@@ -348,7 +331,7 @@ class Runner:
         for subject in subjects:
             row = {"subject": subject, "method": method, "setting": setting_name, "attack": attack}
             cell_dir = os.path.join(self.workdir, "cells", subject, method, slug(setting_name), attack)
-            cached = _read_json(os.path.join(cell_dir, "cell.json"))
+            cached = files.read_json(os.path.join(cell_dir, "cell.json"))
             if cached is not None:
                 rows.append({**cached, "cached": True})
                 continue
@@ -393,7 +376,7 @@ class Runner:
             row["notes"] = "; ".join(n for n in (row.get("notes", ""), gen.pop("notes")) if n)
             row.update(gen)
             row.update(status="done", reason="", seconds=before + share + clock["metrics"], time=clock)
-            _write_json(os.path.join(cell_dir, "cell.json"), row)
+            files.write_json(os.path.join(cell_dir, "cell.json"), row)
         return rows
 
     def _failed(self, row: dict, e: Exception):
@@ -488,13 +471,11 @@ def _fmt(v) -> str:
 
 
 def write_csv(path: str, rows):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    with files.atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in rows:
             w.writerow([_fmt(r.get(k)) for k in COLUMNS])
-    os.replace(tmp, path)
 
 
 def with_ism_drop(rows) -> list[dict]:
@@ -564,11 +545,8 @@ def results_markdown(rows, cfg=None) -> str:
 
 def write_results(workdir: str, rows, cfg=None):
     write_csv(os.path.join(workdir, "results.csv"), rows)
-    md = os.path.join(workdir, "results.md")
-    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with files.atomic_write(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
         f.write(results_markdown(rows, cfg))
-    os.replace(tmp, md)
     write_plots(workdir, rows)
     write_sample_grids(workdir, rows)
 
@@ -602,12 +580,9 @@ def write_plots(workdir: str, rows):
             ax.set_title(f"{label} — {a}")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(workdir, "plots", f"{key}.png")
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
-        os.close(fd)
-        fig.savefig(tmp, dpi=80)
+        with files.atomic_write(os.path.join(workdir, "plots", f"{key}.png")) as f:
+            fig.savefig(f, dpi=80, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def write_sample_grids(workdir: str, rows, per_cell: int = 4):
@@ -623,8 +598,8 @@ def write_sample_grids(workdir: str, rows, per_cell: int = 4):
                 continue
             sample_dir = os.path.join(workdir, "cells", subject, method, slug(r["setting"]), r["attack"], "samples")
             imgs = []
-            for root, _, files in sorted(os.walk(sample_dir)):
-                imgs += [os.path.join(root, f) for f in sorted(files) if f.endswith(".png")]
+            for root, _, names in sorted(os.walk(sample_dir)):
+                imgs += [os.path.join(root, f) for f in sorted(names) if f.endswith(".png")]
             row = [np.asarray(Image.open(p).convert("RGB")) for p in imgs[:per_cell]]
             if row:
                 row = _same_size(row)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldu_jax.files import atomic_dir
 from ldu_jax.data import (
-    DataError, ImageFolder, atomic_dir, list_images, load_image, load_images, make_grid, report_bad,
+    DataError, ImageFolder, list_images, load_image, load_images, make_grid, report_bad,
     save_image_atomic, synthetic_batches)
 
 SIZE = 8
@@ -219,3 +220,33 @@ def test_make_grid():
     assert grid.dtype == np.uint8 and grid.shape == (2 * 6 + 2, 3 * 8 + 2, 3)
     assert (grid[:2] == 255).all() and (grid[2:6, 2:8] == 0).all()
     assert (grid[8:12, 18:24] == 255).all()  # empty 6th cell stays white
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask_and_are_atomic(tmp_path, umask):
+    """Outputs get open()'s permissions (0666 less the umask), not mkstemp's 0600; a failed write
+    leaves the old file and no temp file."""
+    import os
+    from ldu_jax import files
+    from ldu_jax.protect import io as pio
+    old = os.umask(umask)
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        save_image_atomic(tmp_path / 'a.png', img)
+        files.write_json(tmp_path / 'r.json', {'x': np.float32(1.5)})
+        report = pio.write_report(tmp_path / 'out', [{'file': 'a.png'}])
+        with open(tmp_path / 'plain.txt', 'w') as f:   # what a user's own file gets
+            f.write('x')
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (os.stat(tmp_path / 'plain.txt').st_mode & 0o777) == want
+    for p in (tmp_path / 'a.png', tmp_path / 'r.json', report):
+        assert (os.stat(p).st_mode & 0o777) == want, p
+    assert files.read_json(tmp_path / 'r.json') == {'x': 1.5}
+    with pytest.raises(RuntimeError):
+        with files.atomic_write(tmp_path / 'r.json', 'w') as f:
+            f.write('{"half": ')
+            raise RuntimeError('killed half way')
+    assert files.read_json(tmp_path / 'r.json') == {'x': 1.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.png', 'out', 'plain.txt', 'r.json']

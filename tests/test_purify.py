@@ -76,7 +76,7 @@ def models():
 
 
 def test_ddim_from_strength_zero_is_identity_in_latent_space():
-    s = sch.make_schedule()
+    s = sch.make_schedule(sch.SD_SCHEDULER)
     z = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 4))
     ts = sch.diffpure_timesteps(s.num_train_timesteps, 0.0, 5)
     assert (np.asarray(ts) == 0).all()

@@ -13,7 +13,7 @@ def test_add_noise_and_targets_match_diffusers(prediction_type):
     from diffusers import DDPMScheduler
     ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         prediction_type=prediction_type)
-    ours = sch.make_schedule({"prediction_type": prediction_type})
+    ours = sch.make_schedule({**sch.SD_SCHEDULER, "prediction_type": prediction_type})
     rng = np.random.default_rng(0)
     x0, noise = rng.standard_normal((2, 3, 4, 4, 4)).astype(np.float32)
     t = np.array([0, 500, 999])
@@ -24,31 +24,80 @@ def test_add_noise_and_targets_match_diffusers(prediction_type):
     np.testing.assert_allclose(sch.target(ours, x0, noise, t), tgt, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_ddim_matches_diffusers(prediction_type):
+def _ddim_loop_matches(cfg, steps, rtol=1e-4, atol=1e-4):
+    """Our timesteps, alphas and whole DDIM loop (an arbitrary smooth 'network') against
+    diffusers' DDIMScheduler.from_config(cfg) as StableDiffusionPipeline corrects it (its
+    overrides are checked against the pipeline itself in test_sd_models)."""
     from diffusers import DDIMScheduler
-    cfg = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
-               steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    ref = DDIMScheduler(**cfg)
-    ref.set_timesteps(10)
+    ref = DDIMScheduler.from_config({**cfg, **sch.SD_PIPELINE_OVERRIDES})
+    ref.set_timesteps(steps)
     ours = sch.make_schedule(cfg)
-    np.testing.assert_array_equal(sch.ddim_timesteps(ours, 10), ref.timesteps.numpy())
+    np.testing.assert_array_equal(sch.ddim_timesteps(ours, steps), ref.timesteps.numpy())
+    np.testing.assert_allclose(np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=2e-5, atol=1e-7)
+    assert ours.final_alpha_cumprod == pytest.approx(float(ref.final_alpha_cumprod), rel=2e-5)
 
-    def model(x, t):  # an arbitrary smooth 'network'
-        return 0.3 * x + 0.01 * t
+    def model(x, t, tanh=torch.tanh):   # bounded
+        return 0.8 * tanh(x) + 0.001 * t
 
     x = np.random.default_rng(1).standard_normal((2, 4, 4, 4)).astype(np.float32)
     xt = torch.from_numpy(x)
     for t in ref.timesteps:
         xt = ref.step(model(xt, float(t)), t, xt).prev_sample
-    pred = lambda p, z, t, e: model(z, t[:, None, None, None].astype(jnp.float32))  # noqa: E731
-    got = sch.ddim_sample(pred, {}, ours, jnp.asarray(x), jnp.zeros((2, 1)), jnp.zeros((2, 1)), steps=10,
+    pred = lambda p, z, t, e: model(z, t[:, None, None, None].astype(jnp.float32), jnp.tanh)  # noqa: E731
+    got = sch.ddim_sample(pred, {}, ours, jnp.asarray(x), jnp.zeros((2, 1)), jnp.zeros((2, 1)), steps=steps,
                           guidance=1.0)
-    np.testing.assert_allclose(np.asarray(got), xt.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.isfinite(xt.numpy()).all()
+    np.testing.assert_allclose(np.asarray(got), xt.numpy(), rtol=rtol, atol=atol)
+    return ours
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddim_matches_diffusers_for_sd_schedules(prediction_type, spacing):
+    """SD 1.x / 2.x (and their v-prediction and trailing fine-tunes): every prediction type and
+    timestep spacing, with steps_offset 1 and set_alpha_to_one false as SD's config has them."""
+    cfg = {**sch.SD_SCHEDULER, "prediction_type": prediction_type, "timestep_spacing": spacing}
+    for steps in (10, 7):   # 7: the step ratio is not an integer
+        _ddim_loop_matches(cfg, steps)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+    {"rescale_betas_zero_snr": True, "timestep_spacing": "leading", "prediction_type": "v_prediction",
+     "set_alpha_to_one": True},
+    {"beta_schedule": "squaredcos_cap_v2", "set_alpha_to_one": True},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    {"trained_betas": list(np.linspace(1e-4, 2e-2, 1000)), "prediction_type": "sample"},
+], ids=["zero-snr-trailing", "zero-snr-leading", "cosine", "linear", "trained-betas"])
+def test_ddim_matches_diffusers_for_other_keys(cfg):
+    ours = _ddim_loop_matches({**sch.SD_SCHEDULER, **cfg}, 10)
+    if cfg.get("rescale_betas_zero_snr"):
+        assert float(ours.alphas_cumprod[-1]) == 0.0      # zero terminal SNR
+
+
+def test_a_minimal_config_means_diffusers_defaults():
+    """{} is diffusers' DDIMScheduler() (linear betas, set_alpha_to_one on), not Stable
+    Diffusion's values; keys of other scheduler classes are ignored."""
+    import inspect
+    from diffusers import DDIMScheduler
+    signature = inspect.signature(DDIMScheduler.__init__).parameters
+    defaults = {k: p.default for k, p in signature.items() if k != "self"}
+    assert sch.DDIM_DEFAULTS == defaults
+    ours = _ddim_loop_matches({"_class_name": "PNDMScheduler", "skip_prk_steps": True}, 10)
+    assert ours.final_alpha_cumprod == 1.0 and ours.steps_offset == 1   # the pipeline's offset
+    assert abs(float(ours.alphas_cumprod[-1]) - float(sch.make_schedule(sch.SD_SCHEDULER).alphas_cumprod[-1])) > 1e-3
+
+
+@pytest.mark.parametrize("key,value", [("beta_schedule", "sigmoid"), ("prediction_type", "flow"),
+                                       ("timestep_spacing", "karras"), ("thresholding", True),
+                                       ("trained_betas", [0.1, 0.2])])
+def test_unsupported_values_are_named(key, value):
+    with pytest.raises(ValueError, match=key):
+        sch.make_schedule({**sch.SD_SCHEDULER, key: value})
 
 
 def test_noise_loss_and_guidance():
-    s = sch.make_schedule()
+    s = sch.make_schedule(sch.SD_SCHEDULER)
     x0 = jnp.ones((2, 2, 2, 1))
     noise = jnp.zeros_like(x0)
     t = jnp.array([10, 20])
@@ -64,5 +113,3 @@ def test_noise_loss_and_guidance():
     assert calls[-1] == 4  # conditional and unconditional rows in one batched call
     c3 = sch.ddim_sample(pred, {}, s, x0, cond * 3.0, uncond, steps=2, guidance=1.0)
     np.testing.assert_allclose(g, c3, rtol=1e-5)  # uncond + 3 (cond - uncond) == prediction 3
-    with pytest.raises(ValueError, match="prediction_type"):
-        sch.make_schedule({"prediction_type": "flow"})

@@ -15,6 +15,7 @@ import pytest
 
 from ldu_jax.sd import make_tiny_tokenizer
 from ldu_jax.sd import models as M
+from ldu_jax.sd import schedule as sch
 from ldu_jax.sd.vae import TINY_VAE, VAE, decode, encode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +72,7 @@ def torch_models(tmp_path_factory):
         tok.save_pretrained(os.path.join(d, "tokenizer"))
         os.makedirs(os.path.join(d, "scheduler"))
         with open(os.path.join(d, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump({"_class_name": "DDIMScheduler", "prediction_type": pred}, f)
+            json.dump({"_class_name": "DDIMScheduler", **sch.SD_SCHEDULER, "prediction_type": pred}, f)
     return torch, nets, dirs
 
 
@@ -120,7 +121,27 @@ def test_bin_equals_safetensors(torch_models, loaded):
     assert sd.resolution == sd_bin.resolution == 64
     assert sd.scheduler["prediction_type"] == "epsilon"
     assert loaded["sd2"][0].scheduler["prediction_type"] == "v_prediction"
-    assert sd.scheduler["beta_schedule"] == "scaled_linear"  # SD default filled in
+    assert sd.scheduler["beta_schedule"] == "scaled_linear"
+
+
+def test_scheduler_config_is_read_as_diffusers_reads_it(torch_models, tmp_path):
+    """A minimal scheduler config means diffusers' DDIM defaults, not Stable Diffusion's values;
+    a value we cannot compute refuses the load, naming the file and the key."""
+    _, _, dirs = torch_models
+    d = str(tmp_path / "sd")
+    shutil.copytree(dirs["sd1"], d)
+    path = os.path.join(d, "scheduler", "scheduler_config.json")
+    with open(path, "w") as f:
+        json.dump({"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}, f)
+    sd, _ = M.load_sd(d)
+    s = sch.make_schedule(sd.scheduler)
+    want = sch.make_schedule({**sch.DDIM_DEFAULTS, "prediction_type": "v_prediction"})
+    np.testing.assert_array_equal(np.asarray(s.alphas_cumprod), np.asarray(want.alphas_cumprod))
+    assert (s.final_alpha_cumprod, s.steps_offset, s.timestep_spacing) == (1.0, 1, "leading")
+    with open(path, "w") as f:
+        json.dump({**sch.SD_SCHEDULER, "timestep_spacing": "karras"}, f)
+    with pytest.raises(ValueError, match=r"scheduler_config.json: .*timestep_spacing 'karras'"):
+        M.load_sd(d)
 
 
 @pytest.mark.parametrize("missing", ["unet", "text_encoder/config.json", "tokenizer/merges.txt",
@@ -134,6 +155,59 @@ def test_missing_part_is_named(torch_models, tmp_path, missing):
     with pytest.raises(FileNotFoundError, match=missing.split("/")[0]) as e:
         M.load_sd(d)
     assert os.path.basename(missing) in str(e.value)
+
+
+def test_config_checks_cover_every_pytorch_key(torch_models):
+    """Every key of diffusers' PyTorch UNet / VAE is either built by the Flax module or held to
+    the PyTorch default (the value the Flax module computes), so no key can pass unchecked."""
+    import dataclasses
+    import inspect
+    from diffusers import AutoencoderKL, FlaxAutoencoderKL, FlaxUNet2DConditionModel, UNet2DConditionModel
+    for part, torch_cls, flax_cls, fixed in (("unet", UNet2DConditionModel, FlaxUNet2DConditionModel, M._UNET_FIXED),
+                                             ("vae", AutoencoderKL, FlaxAutoencoderKL, M._VAE_FIXED)):
+        defaults = {k: p.default for k, p in inspect.signature(torch_cls.__init__).parameters.items() if k != "self"}
+        fields = {f.name for f in dataclasses.fields(flax_cls)}
+        assert set(defaults) <= fields | set(fixed) | set(M._FLOAT32_ONLY[part]), part
+        assert {k: defaults[k] for k in fixed} == fixed, part
+
+
+@pytest.mark.parametrize("part,key,value,message", [
+    ("unet", "down_block_types", ["AttnDownBlock2D", "DownBlock2D"], "block type 'AttnDownBlock2D'"),
+    ("unet", "down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"], "'SimpleCrossAttnDownBlock2D'"),
+    ("unet", "up_block_types", ["AttnUpBlock2D", "CrossAttnUpBlock2D"], "'AttnUpBlock2D'"),
+    ("unet", "mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "'UNetMidBlock2DSimpleCrossAttn'"),
+    ("unet", "addition_embed_type", "text_time", "addition_embed_type='text_time'"),
+    ("unet", "resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
+    ("unet", "some_future_key", 3, "unknown config key 'some_future_key'"),
+    ("vae", "down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"], "'AttnDownEncoderBlock2D'"),
+])
+def test_unsupported_config_refuses_to_load(torch_models, tmp_path, part, key, value, message):
+    _, _, dirs = torch_models
+    d = str(tmp_path / "sd")
+    shutil.copytree(dirs["sd1"], d)
+    path = os.path.join(d, part, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**cfg, key: value}, f)
+    with pytest.raises(ValueError, match=f"{part}/config.json: .*{message}"):
+        M.load_sd(d)
+
+
+def test_unexpected_or_float16_only_weights_refuse_to_load(torch_models, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    _, _, dirs = torch_models
+    d = str(tmp_path / "sd")
+    shutil.copytree(dirs["sd2"], d)   # upcast_attention: true loads in float32 ...
+    assert M.load_sd(d)[0].unet is not None
+    with pytest.raises(ValueError, match="upcast_attention=true is honoured in float32 only"):
+        M.load_sd(d, dtype=jnp.bfloat16)
+    path = os.path.join(d, "unet", "diffusion_pytorch_model.safetensors")
+    state = load_file(path)
+    state["down_blocks.0.attentions.0.extra_norm.weight"] = np.ones(4, np.float32)
+    save_file(state, path)
+    with pytest.raises(ValueError, match="1 unexpected unet parameters, e.g. down_blocks_0/attentions_0/extra_norm"):
+        M.load_sd(d)
 
 
 def test_flax_roundtrip_bit_identical(loaded, tmp_path):
@@ -195,6 +269,45 @@ def test_text_and_unet_parity(torch_models, loaded, inputs, flavour):
     out = jax.jit(M.unet_apply, static_argnums=0)(sd, params["unet"], inputs["latents"], inputs["t"], ctx_ref)
     assert out.shape == inputs["latents"].shape
     assert _rel(out, _torch_unet(torch, unet, inputs, ctx_ref)) < TOL
+
+
+@pytest.mark.parametrize("flavour,schedule", [
+    ("sd1", {}),
+    ("sd2", {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "steps_offset": 0}),
+    ("sd2", {"timestep_spacing": "linspace", "set_alpha_to_one": True}),
+    ("sd1", {"clip_sample": True, "steps_offset": 0}),   # the pipeline overrides both
+], ids=["sd1", "sd2-zero-snr-trailing", "sd2-linspace-alpha-one", "sd1-pipeline-overrides"])
+def test_generation_matches_the_diffusers_pipeline(torch_models, loaded, flavour, schedule):
+    """DDIM + classifier-free guidance from the same starting latents: ``generate`` against
+    diffusers' PyTorch StableDiffusionPipeline with DDIMScheduler.from_config of the same config."""
+    import dataclasses
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from ldu_jax.personalize import common
+    torch, nets, _ = torch_models
+    unet, text, _ = nets[flavour]
+    sd, params = loaded[flavour]
+    sd = dataclasses.replace(sd, scheduler={**sd.scheduler, **schedule})
+    pipe = StableDiffusionPipeline(vae=nets["vae"], text_encoder=text, tokenizer=sd.tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(sd.scheduler), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of sks dog", "a painting"]
+    latents = np.random.RandomState(3).randn(4, 8, 8, 4).astype(np.float32)
+    ref = [pipe(p, num_inference_steps=5, guidance_scale=3.0, num_images_per_prompt=2,
+                latents=torch.from_numpy(latents[2 * i:2 * i + 2]).permute(0, 3, 1, 2), output_type="np").images
+           for i, p in enumerate(prompts)]
+    out = common.generate(sd, params, prompts, n_per_prompt=2, steps=5, guidance=3.0, seed=0, batch=4,
+                          latents=latents)
+    for p, want in zip(prompts, ref):
+        assert out[p].dtype == np.uint8 and out[p].shape == want.shape
+        # ours rounds (x / 2 + 0.5) x 255 to uint8: within half a level of diffusers' float image
+        err = np.abs(out[p].astype(np.float64) - want.astype(np.float64) * 255).max()
+        assert err <= 0.5 + 255 * 1e-4, (p, err)
+        assert want.std() > 0.02           # an image, not a constant
+    other = common.generate(sd, params, prompts, n_per_prompt=2, steps=5, guidance=3.0, seed=0, batch=4)
+    assert np.abs(other[prompts[0]].astype(int) - out[prompts[0]].astype(int)).max() > 4   # latents are used
+    with pytest.raises(ValueError, match="latents of shape"):
+        common.generate(sd, params, prompts, n_per_prompt=2, steps=5, guidance=3.0, seed=0, latents=latents[:3])
 
 
 def test_unet_parity_needs_each_fix(torch_models, loaded, inputs):

@@ -1,6 +1,5 @@
 """The budgeted ascent behind ldu-opt: CG, the Gauss-Newton step, bisection onto the budget,
 best-feasible selection (pure functions on small explicit problems)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -17,12 +17,12 @@ import csv
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image
 
 from ldu_jax import data as data_lib
+from ldu_jax import files
 from ldu_jax.metrics import image as im
 
 PAIR_COLUMNS = ("file", "psnr", "ssim", "linf", "note")
@@ -120,17 +120,13 @@ def main(argv=None) -> int:
         print(f"{r['file'][:24]:<24} {r['psnr']:>9.3f} {r['ssim']:>8.4f} {r['linf']:>8.4f} {r.get('note', '')}")
     for k, v in sets.items():
         print(f"{k}: {_fmt(v)}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
+    with files.atomic_write(args.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PAIR_COLUMNS)
         for r in rows + ([mean] if rows else []):
             w.writerow([_fmt(r.get(k, "")) for k in PAIR_COLUMNS])
         for k, v in sets.items():
             w.writerow([k, _fmt(v), "", "", ""])
-    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
 

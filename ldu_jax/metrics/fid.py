@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import pathlib
 import sys
-import tempfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from ldu_jax import files
 
 SIZE = 299
 DIMS = 2048
@@ -333,19 +333,6 @@ def load_weights(path) -> dict:
     return params_from_state_dict(state, str(path))
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    """Call write(file object) on a temp file beside `path`, then rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_weights(path, params) -> None:
     """Write variables as .safetensors or .npz (torch key names and layouts), atomically."""
     path = pathlib.Path(path)
@@ -354,9 +341,11 @@ def save_weights(path, params) -> None:
     if suffix == '.safetensors':
         from safetensors.numpy import save
         data = save(state, metadata={'format': 'pt', 'model': 'pytorch-fid InceptionV3 (FID)'})
-        _atomic_write(path, lambda f: f.write(data))
+        with files.atomic_write(path) as f:
+            f.write(data)
     elif suffix == '.npz':
-        _atomic_write(path, lambda f: np.savez(f, **state))
+        with files.atomic_write(path) as f:
+            np.savez(f, **state)
     else:
         raise WeightsError(f'{path}: cannot write weights as {suffix!r} (use .safetensors or .npz)')
 
@@ -424,7 +413,8 @@ def gaussian_stats(feats) -> tuple[np.ndarray, np.ndarray]:
 def save_stats(path, mu, sigma) -> None:
     """Write pytorch-fid's .npz (keys `mu`, `sigma`) atomically."""
     mu, sigma = np.asarray(mu), np.asarray(sigma)
-    _atomic_write(pathlib.Path(path), lambda f: np.savez(f, mu=mu, sigma=sigma))
+    with files.atomic_write(path) as f:
+        np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from ldu_jax import data as data_lib
+from ldu_jax import files
 from ldu_jax.miniworld import MODELS, world
 
 PROFILES = ("full", "test", "v2")
@@ -85,10 +85,9 @@ def _manifest(workdir: str) -> dict:
 
 
 def _record(workdir: str, stage: str, **info):
-    from ldu_jax.evaluate import _write_json
     m = _manifest(workdir)
     m[stage] = info
-    _write_json(os.path.join(workdir, "manifest.json"), m)
+    files.write_json(os.path.join(workdir, "manifest.json"), m)
 
 
 def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict:
@@ -162,7 +161,7 @@ def export(workdir: str) -> str:
     their optimizer state, plus the manifest (written atomically)."""
     from ldu_jax import checkpoint as ckpt
     out = os.path.join(workdir, "export")
-    with data_lib.atomic_dir(out) as tmp:
+    with files.atomic_dir(out) as tmp:
         shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
         for name, keys in EXPORT_KEYS.items():
             ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys)
@@ -176,7 +175,7 @@ def install(workdir: str, dest: str = MODELS) -> str:
     src = os.path.join(workdir, "export")
     if not os.path.isfile(os.path.join(src, "manifest.json")):
         raise FileNotFoundError(f"{src} is not a finished export (run the build's export stage first)")
-    with data_lib.atomic_dir(dest) as tmp:
+    with files.atomic_dir(dest) as tmp:
         shutil.copytree(src, tmp)
     return dest
 

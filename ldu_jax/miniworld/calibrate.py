@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 from ldu_jax import data as data_lib
+from ldu_jax import files
 from ldu_jax.miniworld import MODELS
 
 PARTS = ("content", "encoder", "identity", "imprint", "gates")
@@ -292,9 +293,8 @@ def measure_imprint(w: World, workdir: str, subjects=2, amplitudes=(8, 16), max_
                     data_lib.save_image_atomic(os.path.join(img_dir, f"{i:02d}.png"), img)
                 gen = attack_lib.run("dreambooth", cfg, img_dir, os.path.join(base, "attack"), log=w.log)
                 arr = np.stack([g for imgs in gen.values() for g in imgs])
-                tmp = cached + ".tmp.npy"
-                np.save(tmp, arr)
-                os.replace(tmp, cached)
+                with files.atomic_write(cached) as f:
+                    np.save(f, arr)
             samples[run_name] = np.load(cached)
         clean = to_unit(samples["clean"])
         for run_name, (_images, pat) in runs.items():
@@ -359,13 +359,12 @@ def gates(rows, encoder: dict | None = None) -> list[dict]:
 def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int = 4, attack_steps: int = 200,
               encoder_steps: int = 200, redo: bool = False, log=print) -> dict:
     """Run the parts (each cached in ``<workdir>/calibrate.json``); returns every result."""
-    from ldu_jax.evaluate import _read_json, _write_json
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "calibrate.json")
-    res = _read_json(path) or {}
+    res = files.read_json(path) or {}
     w = World(models, workdir, n_subjects, log)
     for part in parts:
         if part in res and not redo:
@@ -384,7 +383,7 @@ def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int =
             cfg = gate_config(models, n_subjects, attack_steps)
             rows = evaluate.run(cfg, os.path.join(workdir, "gates"), log=log)
             res[part] = gates(rows, res.get("encoder"))
-        _write_json(path, res)
+        files.write_json(path, res)
     return res
 
 
@@ -429,10 +428,9 @@ def _main(argv):
     from absl import flags
     f = flags.FLAGS
     if f.vae_run:
-        from ldu_jax.evaluate import _write_json
         rows = encoder_along_run(f.vae_run, f.style, steps=f.encoder_steps)
         os.makedirs(f.workdir, exist_ok=True)
-        _write_json(os.path.join(f.workdir, "encoder_along_run.json"), rows)
+        files.write_json(os.path.join(f.workdir, "encoder_along_run.json"), rows)
         return
     res = calibrate(f.workdir, f.models, tuple(p for p in f.parts.split(",") if p), f.subjects, f.attack_steps,
                     f.encoder_steps, f.redo)

@@ -35,6 +35,7 @@ import regex
 
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
+from ldu_jax import files
 from ldu_jax import loop, parallel
 from ldu_jax.miniworld.train_vae import data_stream
 from ldu_jax.personalize import common
@@ -70,7 +71,7 @@ def build_tokenizer(texts, out_dir: str, max_length: int, base_words=True):
     alphabet = mtt._byte_alphabet()
     tokens = alphabet + [c + mtt.EOW for c in alphabet] + [a + b for a, b in merges] + list(mtt.SPECIAL)
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    with data_lib.atomic_dir(out_dir) as tmp:
+    with files.atomic_dir(out_dir) as tmp:
         os.makedirs(tmp)
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(vocab, f, ensure_ascii=False, indent=0)
@@ -128,7 +129,7 @@ def make_sd(config, vae: vae_lib.VAE, tok) -> sdm.SD:
     te = FlaxCLIPTextModel(text_config(config.model.text, tok), _do_init=False)
     unet = FlaxUNet2DConditionModel.from_config(
         unet_config(config.model.unet, resolution // vae.factor, config.model.text.hidden_size))
-    scheduler = {**sdm.SCHEDULER_DEFAULTS, **dict(config.get("scheduler", {}))}
+    scheduler = {**sch.SD_SCHEDULER, **dict(config.get("scheduler", {}))}
     return sdm.SD(vae.module, unet, te, tok, scheduler, resolution)
 
 
@@ -273,7 +274,7 @@ def write_bundle(sd, vae_params, params, out: str) -> dict:
     """Write text encoder + UNet ``params`` with the VAE's as the diffusers bundle ``out``
     (atomically); returns the bundle's params."""
     params = {"vae": vae_params, **params}
-    with data_lib.atomic_dir(out) as tmp:
+    with files.atomic_dir(out) as tmp:
         sdm.save_sd(sd, params, tmp)
     return params
 

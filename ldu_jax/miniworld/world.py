@@ -32,11 +32,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from ldu_jax import data as data_lib
+from ldu_jax import files
 
 # -------------------------------------------------------------------------------- attributes
 
@@ -832,16 +832,9 @@ def vocabulary(scene: bool = False) -> list[str]:
 
 # -------------------------------------------------------------------------------- files
 
-def _write_text_atomic(path: str, text: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_text(path: str, text: str):
+    with files.atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def write_training_set(root: str, n_identities: int, per_identity: int, seed: int = 0, size: int = 64,
@@ -865,8 +858,8 @@ def write_training_set(root: str, n_identities: int, per_identity: int, seed: in
             written += 1
         rows.append({"file": rel, "caption": caption(ident, v), "label": label, "identity_seed": ident.seed,
                      "variant": v})
-    _write_text_atomic(os.path.join(root, "captions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    _write_text_atomic(os.path.join(root, "identities.json"),
+    _write_text(os.path.join(root, "captions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    _write_text(os.path.join(root, "identities.json"),
                        json.dumps([i.to_dict() for i in idents], indent=1))
     return written
 
@@ -890,6 +883,6 @@ def write_heldout_subjects(root: str, n: int, seed: int = 0, per_set: int = 4, s
                 if not os.path.exists(path):
                     data_lib.save_image_atomic(path, render(ident, v, size, style=style))
                 caps[rel] = caption(ident, v)
-        _write_text_atomic(os.path.join(root, name, "subject.json"),
+        _write_text(os.path.join(root, name, "subject.json"),
                            json.dumps({"identity": ident.to_dict(), "captions": caps}, indent=1))
     return names

@@ -64,11 +64,21 @@ def latent_loss(sd, sched, params, latents, input_ids, k_noise, k_t):
     return sch.noise_loss(sched, pred, latents, noise, t)
 
 
-def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: float, seed: int, batch: int = 4):
-    """{prompt: uint8 images [n, R, R, 3]} sampled with DDIM and classifier-free guidance."""
+def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: float, seed: int, batch: int = 4,
+             latents=None):
+    """{prompt: uint8 images [n, R, R, 3]} sampled with DDIM and classifier-free guidance.
+
+    ``latents``: the starting noise, [len(prompts) x n_per_prompt, h, w, c] prompt by prompt (as
+    diffusers' pipeline orders ``num_images_per_prompt``; its NCHW latents are
+    ``.transpose(0, 2, 3, 1)`` of these); None draws it from ``seed``."""
     sched = sch.make_schedule(sd.scheduler)
     f = sd.resolution // (2 ** (len(sd.vae.config.block_out_channels) - 1))
     shape = (f, f, int(sd.vae.config.latent_channels))
+    if latents is not None:
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != (len(prompts) * n_per_prompt,) + shape:
+            raise ValueError(f"latents of shape {latents.shape}; this model and {len(prompts)} prompt(s) x "
+                             f"{n_per_prompt} need {(len(prompts) * n_per_prompt,) + shape}")
     embed = _embedder(sd)
     uncond = embed(params["text_encoder"], sdm.tokenize(sd, [""]))
     predict = _predictor(sd)
@@ -79,8 +89,12 @@ def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: fl
         imgs = []
         for start in range(0, n_per_prompt, batch):
             b = min(batch, n_per_prompt - start)
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), pi), start)
-            x = jax.random.normal(key, (batch,) + shape)  # fixed shape: one compilation
+            if latents is None:
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), pi), start)
+                x = jax.random.normal(key, (batch,) + shape)  # fixed shape: one compilation
+            else:
+                x = np.zeros((batch,) + shape, np.float32)
+                x[:b] = latents[pi * n_per_prompt + start:][:b]
             z = sch.ddim_sample(predict, params["unet"], sched, x, jnp.repeat(cond, batch, 0),
                                 jnp.repeat(uncond, batch, 0), steps=steps, guidance=float(guidance))
             imgs.append(data_lib.to_uint8(np.asarray(decode(params["vae"], z))[:b]))

@@ -6,7 +6,6 @@ embedding table, so every other row is exactly unchanged. The result is saved as
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ldu_jax import files
 from ldu_jax.personalize import common
 from ldu_jax.sd import models as sdm
 
@@ -106,10 +106,9 @@ def make_step(sd, sched, tx, token_id: int, batch_size: int, seed: int, data_sha
 
 def save_learned_embeds(path: str, token: str, row):
     """Write {token: [1, D]} float32 safetensors, as diffusers' TI script does."""
-    from safetensors.numpy import save_file
-    tmp = path + ".tmp"
-    save_file({token: np.asarray(row, np.float32)[None]}, tmp)
-    os.replace(tmp, path)
+    from safetensors.numpy import save
+    with files.atomic_write(path) as f:
+        f.write(save({token: np.asarray(row, np.float32)[None]}))
 
 
 def load_learned_embeds(path: str) -> dict:

@@ -13,7 +13,6 @@ import math
 import itertools
 import os
 import pathlib
-import tempfile
 import time
 import warnings
 from typing import Callable, NamedTuple
@@ -21,7 +20,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldu_jax import data
+from ldu_jax import data, files
 from ldu_jax.metrics import image as metrics
 
 REPORT_NAME = 'report.csv'
@@ -238,16 +237,8 @@ def apply_perturbation(original_u8, model_input, protected_model, budget: Budget
 
 
 def _save_png_atomic(path: pathlib.Path, array_u8: np.ndarray, icc_profile: bytes | None) -> None:
-    """PNG via a temp file in the same folder and os.replace (like data.save_image_atomic, plus ICC)."""
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            Image.fromarray(array_u8, 'RGB').save(
-                f, format='PNG', **({'icc_profile': icc_profile} if icc_profile else {}))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with files.atomic_write(path) as f:
+        Image.fromarray(array_u8, 'RGB').save(f, format='PNG', **({'icc_profile': icc_profile} if icc_profile else {}))
 
 
 def write_output(out_dir, name: str, out_u8, orig_u8, budget: Budget,
@@ -287,17 +278,11 @@ def write_report(out_dir, rows) -> pathlib.Path:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f'.{REPORT_NAME}.', suffix='.tmp', dir=out_dir)
-    try:
-        with os.fdopen(fd, 'w', newline='', encoding='utf-8') as f:
-            writer = csv.writer(f)
-            writer.writerow(REPORT_COLUMNS)
-            for row in rows:
-                writer.writerow([_cell(k, row.get(k)) for k in REPORT_COLUMNS])
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with files.atomic_write(path, 'w', newline='', encoding='utf-8') as f:
+        writer = csv.writer(f)
+        writer.writerow(REPORT_COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(k, row.get(k)) for k in REPORT_COLUMNS])
     return path
 
 

@@ -18,21 +18,17 @@ import dataclasses
 import json
 import os
 import types
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldu_jax import files
+from ldu_jax.sd import schedule as sch
 from ldu_jax.sd.vae import TINY_VAE, compiled_init, quiet_diffusers, tiny_vae
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_tokenizer")
-
-SCHEDULER_DEFAULTS = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-    timestep_spacing="leading")
 
 TINY_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -50,8 +46,18 @@ _UNET_FIXED = dict(
     resnet_out_scale_factor=1.0, time_embedding_type="positional", time_embedding_dim=None,
     time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3,
     conv_out_kernel=3, attention_type="default", class_embeddings_concat=False, cross_attention_norm=None)
+_UNET_FIXED.update(encoder_hid_dim_type=None, mid_block_only_cross_attention=None,
+                   reverse_transformer_layers_per_block=None, addition_embed_type=None)
 _VAE_FIXED = dict(act_fn="silu", use_quant_conv=True, use_post_quant_conv=True,
                   mid_block_add_attention=True, shift_factor=None, latents_mean=None, latents_std=None)
+# The block types the Flax modules build. diffusers' Flax UNet builds a plain DownBlock2D for any
+# other down type (AttnDownBlock2D, SimpleCrossAttnDownBlock2D, ...), so they are refused by name.
+_UNET_BLOCKS = {"down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+                "mid_block_type": ("UNetMidBlock2DCrossAttn",)}
+_VAE_BLOCKS = {"down_block_types": ("DownEncoderBlock2D",), "up_block_types": ("UpDecoderBlock2D",)}
+# PyTorch-only hints for half-precision inference: the same function in float32
+_FLOAT32_ONLY = {"unet": ("upcast_attention",), "vae": ("force_upcast",)}
 
 # (config file, weight file stems: Flax msgpack, PyTorch) per model part.
 _WEIGHTS = {
@@ -68,7 +74,7 @@ class SD:
     unet: Any           # diffusers FlaxUNet2DConditionModel
     text_encoder: Any   # transformers FlaxCLIPTextModel (apply through .module)
     tokenizer: Any      # transformers CLIPTokenizer
-    scheduler: dict     # SCHEDULER_DEFAULTS updated from scheduler_config.json
+    scheduler: dict     # scheduler_config.json as written (schedule.make_schedule reads it as diffusers does)
     resolution: int     # image size in px
 
     __hash__ = object.__hash__  # identity: usable as a static jit argument
@@ -177,7 +183,7 @@ def _build_tiny_sd(seed: int, dtype) -> tuple[SD, dict]:
                                       jax.random.fold_in(key, 2)),
     }
     params = jax.tree_util.tree_map(jnp.asarray, _plain(params))
-    sd = SD(vae, unet, te, tok, dict(SCHEDULER_DEFAULTS), TINY_UNET["sample_size"] * _vae_factor(vae))
+    sd = SD(vae, unet, te, tok, dict(sch.SD_SCHEDULER), TINY_UNET["sample_size"] * _vae_factor(vae))
     return sd, params
 
 
@@ -223,8 +229,8 @@ def _load_folder(folder: str, dtype) -> tuple[SD, dict]:
     for part in ("vae", "unet", "text_encoder"):
         with open(_require(os.path.join(folder, part, "config.json"), f"{part}/config.json")) as f:
             cfgs[part] = json.load(f)
-    _check_config("unet", cfgs["unet"], _UNET_FIXED)
-    _check_config("vae", cfgs["vae"], _VAE_FIXED)
+    _check_config("unet", cfgs["unet"], FlaxUNet2DConditionModel, _UNET_FIXED, _UNET_BLOCKS, dtype)
+    _check_config("vae", cfgs["vae"], FlaxAutoencoderKL, _VAE_FIXED, _VAE_BLOCKS, dtype)
     vae = FlaxAutoencoderKL.from_config(_strip(cfgs["vae"]), dtype=dtype)
     unet = FlaxUNet2DConditionModel.from_config(_strip(cfgs["unet"]), dtype=dtype)
     te = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder")),
@@ -236,9 +242,13 @@ def _load_folder(folder: str, dtype) -> tuple[SD, dict]:
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     tok.model_max_length = min(tok.model_max_length, te.config.max_position_embeddings)
 
-    with open(_require(os.path.join(folder, "scheduler", "scheduler_config.json"),
-                       "scheduler/scheduler_config.json")) as f:
-        sched = {**SCHEDULER_DEFAULTS, **_strip(json.load(f))}
+    sched_path = _require(os.path.join(folder, "scheduler", "scheduler_config.json"), "scheduler/scheduler_config.json")
+    with open(sched_path) as f:
+        sched = _strip(json.load(f))
+    try:
+        sch.make_schedule(sched)    # refuse what we cannot compute before loading any weights
+    except ValueError as e:
+        raise ValueError(f"{sched_path}: {e}") from None
 
     n_pos = te.config.max_position_embeddings
     shapes = {
@@ -252,11 +262,24 @@ def _load_folder(folder: str, dtype) -> tuple[SD, dict]:
     return sd, params
 
 
-def _check_config(part, cfg, fixed):
-    for k, want in fixed.items():
-        if k in cfg and cfg[k] != want:
-            raise ValueError(f"{part}: config {k}={cfg[k]!r} is not supported by the Flax model "
-                             f"(needs {want!r})")
+def _check_config(part, cfg, flax_class, fixed, blocks, dtype):
+    """Refuse, by name, every block type, config key or value the Flax model would not compute as
+    the PyTorch model does (before any weight is read)."""
+    fields = {f.name for f in dataclasses.fields(flax_class)} - {"parent", "name", "dtype"}
+    for k, v in _strip(cfg).items():
+        if k in fixed and v != fixed[k]:
+            raise ValueError(f"{part}/config.json: {k}={v!r} is not supported (only {fixed[k]!r})")
+        if k in _FLOAT32_ONLY[part]:
+            if v and jnp.dtype(dtype) != jnp.float32:
+                raise ValueError(f"{part}/config.json: {k}=true is honoured in float32 only, not {jnp.dtype(dtype)}")
+        elif k not in fixed and k not in fields:
+            raise ValueError(f"{part}/config.json: unknown config key {k!r} (= {v!r}); not supported")
+    for k, allowed in blocks.items():
+        names = cfg.get(k)
+        for name in [names] if isinstance(names, str) else names or ():
+            if name not in allowed:
+                raise ValueError(f"{part}/config.json: block type {name!r} in {k} is not supported "
+                                 f"(supported: {', '.join(allowed)})")
 
 
 def _strip(cfg: dict) -> dict:
@@ -347,9 +370,9 @@ def _load_weights(part_dir: str, part: str, shapes) -> dict:
         raise ValueError(f"{path}: {len(missing)} {part} parameters missing, e.g. "
                          + ", ".join("/".join(k) for k in missing[:5]))
     extra = [k for k in got if k not in want and k[-1] != "position_ids"]
-    if extra:
-        warnings.warn(f"{path}: ignoring {len(extra)} unexpected {part} parameters, e.g. "
-                      + ", ".join("/".join(k) for k in extra[:5]))
+    if extra:   # weights of something the model does not build: it would compute another function
+        raise ValueError(f"{path}: {len(extra)} unexpected {part} parameters, e.g. "
+                         + ", ".join("/".join(k) for k in extra[:5]))
     out = {}
     for k, spec in want.items():
         a = np.asarray(got[k])
@@ -383,21 +406,15 @@ def save_sd(sd: SD, params, path: str):
     write_weights("text_encoder", _WEIGHTS["text_encoder"][0])
     sd.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
-    _write_json(os.path.join(path, "scheduler", "scheduler_config.json"),
-                {"_class_name": "FlaxDDIMScheduler", "_diffusers_version": diffusers.__version__,
-                 **sd.scheduler})
-    _write_json(os.path.join(path, "model_index.json"), {
+    files.write_json(os.path.join(path, "scheduler", "scheduler_config.json"),
+                     {"_class_name": "FlaxDDIMScheduler", "_diffusers_version": diffusers.__version__,
+                      **sd.scheduler}, indent=2, sort_keys=True)
+    files.write_json(os.path.join(path, "model_index.json"), {
         "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
         "vae": ["diffusers", "FlaxAutoencoderKL"], "unet": ["diffusers", "FlaxUNet2DConditionModel"],
         "text_encoder": ["transformers", "FlaxCLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "FlaxDDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None]})
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        "feature_extractor": [None, None]}, indent=2, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- placeholder token

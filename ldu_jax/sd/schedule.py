@@ -2,11 +2,15 @@
 
 Our own small implementation (diffusers' Flax schedulers are avoided: ``FlaxDDPMScheduler.step``
 calls ``jnp.clip(a_min=...)``, removed in jax 0.10, and ``FlaxLMSDiscreteScheduler`` returns NaN).
-Conventions follow diffusers' PyTorch schedulers for Stable Diffusion: ``scaled_linear`` betas
-(linear in sqrt space), DDIM ``leading`` timestep spacing with ``steps_offset``, eta = 0.
+A ``scheduler_config`` means what diffusers' ``StableDiffusionPipeline`` makes of it with a DDIM
+scheduler: ``DDIMScheduler.from_config`` (``DDIM_DEFAULTS`` for missing keys; keys of other
+scheduler classes ignored, as diffusers ignores them), then the pipeline's own corrections
+(``SD_PIPELINE_OVERRIDES``: it never clips latents and always offsets steps by 1), eta = 0. A value
+we do not implement is an error naming the key.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -15,8 +19,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# diffusers' DDIMScheduler.__init__ defaults (a test holds them to diffusers' signature)
+DDIM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                 "trained_betas": None, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
+                 "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+                 "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading",
+                 "rescale_betas_zero_snr": False}
+# Stable Diffusion 1.x / 2.x's scheduler_config (2.x 768 px: prediction_type v_prediction): the
+# schedule of the models this project makes (tiny bundles, the mini-world)
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                    "prediction_type": "epsilon", "steps_offset": 1, "set_alpha_to_one": False}
+                "prediction_type": "epsilon", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
+                "timestep_spacing": "leading"}
+# StableDiffusionPipeline.__init__ rewrites these in any scheduler config (with a deprecation
+# notice): clipping x0 to [-1, 1] is meant for pixels, not latents
+SD_PIPELINE_OVERRIDES = {"steps_offset": 1, "clip_sample": False}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @flax.struct.dataclass
@@ -26,27 +45,61 @@ class Schedule:
     prediction_type: str = flax.struct.field(pytree_node=False)
     steps_offset: int = flax.struct.field(pytree_node=False)
     final_alpha_cumprod: float = flax.struct.field(pytree_node=False)
+    timestep_spacing: str = flax.struct.field(pytree_node=False, default="leading")
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
 
-def make_schedule(cfg: dict | None = None) -> Schedule:
-    """A schedule from a diffusers ``scheduler_config`` dict (missing keys: Stable Diffusion's)."""
-    c = {**SD_SCHEDULER, **(cfg or {})}
+def _one_of(c, key, allowed):
+    if c[key] not in allowed:
+        raise ValueError(f"scheduler config: unsupported {key} {c[key]!r} (supported: {', '.join(map(str, allowed))})")
+
+
+def _cosine_betas(t: int, max_beta: float = 0.999) -> np.ndarray:
+    """Glide's squaredcos_cap_v2: betas from alpha_bar(s) = cos((s + 0.008) / 1.008 pi / 2)^2."""
+    bar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - bar((i + 1) / t) / bar(i / t), max_beta) for i in range(t)], np.float64)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024: shift and scale sqrt(alpha_bar) so the last step has zero SNR, the first unchanged."""
+    s = np.sqrt(np.cumprod(1.0 - betas))
+    s0, sT = s[0], s[-1]
+    s = (s - sT) * s0 / (s0 - sT)
+    bar = s ** 2
+    return 1.0 - np.concatenate([bar[:1], bar[1:] / bar[:-1]])
+
+
+def make_schedule(cfg: dict) -> Schedule:
+    """A schedule from a diffusers ``scheduler_config`` dict, as Stable Diffusion's pipeline reads
+    it (see the module doc): missing keys take ``DDIM_DEFAULTS`` (so ``{}`` is diffusers' default
+    DDIM, not Stable Diffusion's schedule: that is ``SD_SCHEDULER``)."""
+    c = {**DDIM_DEFAULTS, **{k: v for k, v in cfg.items() if k in DDIM_DEFAULTS}, **SD_PIPELINE_OVERRIDES}
+    for key, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
+                         ("timestep_spacing", TIMESTEP_SPACINGS)):
+        _one_of(c, key, allowed)
+    if c["thresholding"]:
+        raise ValueError("scheduler config: thresholding=true (dynamic thresholding, for pixel-space models) "
+                         "is not supported")
     t = int(c["num_train_timesteps"])
-    if c["beta_schedule"] == "scaled_linear":
+    if c["trained_betas"] is not None:
+        betas = np.asarray(c["trained_betas"], np.float64)
+        if betas.shape != (t,):
+            raise ValueError(f"scheduler config: trained_betas has {betas.size} values, num_train_timesteps is {t}")
+    elif c["beta_schedule"] == "scaled_linear":
         betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, t, dtype=np.float64) ** 2
     elif c["beta_schedule"] == "linear":
         betas = np.linspace(c["beta_start"], c["beta_end"], t, dtype=np.float64)
     else:
-        raise ValueError(f"unsupported beta_schedule {c['beta_schedule']!r} (scaled_linear or linear)")
-    if c["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"unsupported prediction_type {c['prediction_type']!r}")
+        betas = _cosine_betas(t)
+    if c["rescale_betas_zero_snr"]:
+        betas = rescale_zero_terminal_snr(betas)
     acp = np.cumprod(1.0 - betas)
-    final = 1.0 if c.get("set_alpha_to_one", False) else float(acp[0])
-    return Schedule(jnp.asarray(acp, jnp.float32), c["prediction_type"], int(c.get("steps_offset", 0)), final)
+    final = 1.0 if c["set_alpha_to_one"] else float(acp[0])
+    return Schedule(jnp.asarray(acp, jnp.float32), c["prediction_type"], int(c["steps_offset"]), final,
+                    c["timestep_spacing"])
 
 
 def _coef(acp, t, ndim):
@@ -87,11 +140,17 @@ def to_x0_eps(sched: Schedule, pred, x_t, t):
 
 
 def ddim_timesteps(sched: Schedule, steps: int) -> np.ndarray:
-    """Descending DDIM timesteps with diffusers' 'leading' spacing."""
-    ratio = sched.num_train_timesteps // steps
-    if ratio < 1:
-        raise ValueError(f"{steps} DDIM steps exceed the {sched.num_train_timesteps} training timesteps")
-    return (np.arange(steps) * ratio)[::-1].astype(np.int32) + sched.steps_offset
+    """Descending DDIM timesteps, spaced as diffusers' ``timestep_spacing`` (Lin et al. 2024, table 2)."""
+    t = sched.num_train_timesteps
+    if not 1 <= steps <= t:
+        raise ValueError(f"{steps} DDIM steps: between 1 and the {t} training timesteps")
+    if sched.timestep_spacing == "linspace":
+        ts = np.linspace(0, t - 1, steps).round()[::-1]
+    elif sched.timestep_spacing == "leading":
+        ts = (np.arange(steps) * (t // steps)).round()[::-1] + sched.steps_offset
+    else:   # trailing
+        ts = np.round(np.arange(t, 0, -t / steps)) - 1
+    return ts.astype(np.int32)
 
 
 @partial(jax.jit, static_argnames=("predict", "steps", "guidance"))
