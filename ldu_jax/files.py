@@ -13,6 +13,15 @@ import tempfile
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it to read it
+    would, for a moment, give files other threads create, e.g. orbax's, the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

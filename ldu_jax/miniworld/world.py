@@ -859,8 +859,7 @@ def write_training_set(root: str, n_identities: int, per_identity: int, seed: in
         rows.append({"file": rel, "caption": caption(ident, v), "label": label, "identity_seed": ident.seed,
                      "variant": v})
     _write_text(os.path.join(root, "captions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    _write_text(os.path.join(root, "identities.json"),
-                       json.dumps([i.to_dict() for i in idents], indent=1))
+    _write_text(os.path.join(root, "identities.json"), json.dumps([i.to_dict() for i in idents], indent=1))
     return written
 
 
@@ -884,5 +883,5 @@ def write_heldout_subjects(root: str, n: int, seed: int = 0, per_set: int = 4, s
                     data_lib.save_image_atomic(path, render(ident, v, size, style=style))
                 caps[rel] = caption(ident, v)
         _write_text(os.path.join(root, name, "subject.json"),
-                           json.dumps({"identity": ident.to_dict(), "captions": caps}, indent=1))
+                    json.dumps({"identity": ident.to_dict(), "captions": caps}, indent=1))
     return names

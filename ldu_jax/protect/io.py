@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import itertools
+import math
 import os
 import pathlib
 import time

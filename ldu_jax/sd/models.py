@@ -45,9 +45,9 @@ _UNET_FIXED = dict(
     encoder_hid_dim=None, resnet_time_scale_shift="default", resnet_skip_time_act=False,
     resnet_out_scale_factor=1.0, time_embedding_type="positional", time_embedding_dim=None,
     time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3,
-    conv_out_kernel=3, attention_type="default", class_embeddings_concat=False, cross_attention_norm=None)
-_UNET_FIXED.update(encoder_hid_dim_type=None, mid_block_only_cross_attention=None,
-                   reverse_transformer_layers_per_block=None, addition_embed_type=None)
+    conv_out_kernel=3, attention_type="default", class_embeddings_concat=False, cross_attention_norm=None,
+    encoder_hid_dim_type=None, mid_block_only_cross_attention=None, reverse_transformer_layers_per_block=None,
+    addition_embed_type=None)
 _VAE_FIXED = dict(act_fn="silu", use_quant_conv=True, use_post_quant_conv=True,
                   mid_block_add_attention=True, shift_factor=None, latents_mean=None, latents_std=None)
 # The block types the Flax modules build. diffusers' Flax UNet builds a plain DownBlock2D for any
