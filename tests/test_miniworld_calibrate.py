@@ -67,6 +67,10 @@ def test_gates_pass_and_fail_on_the_stated_thresholds():
     weak = [dict(r, ism_others=0.2) for r in rows]
     assert not {x["gate"]: x for x in calibrate.gates(weak)}["clean DreamBooth: own ISM / others"]["passed"]
     assert math.isnan({x["gate"]: x for x in calibrate.gates([])}["AdvDM 8/255: ISM cut / clean gap"]["value"])
+    # purifications not run (--gate_settings=none) are left out, not failed
+    only_none = [r for r in rows if r["setting"] == "none"]
+    names = {x["gate"] for x in calibrate.gates(only_none)}
+    assert "AdvDM 8/255: ISM cut / clean gap" in names and not any("cut after" in n for n in names)
 
 
 def test_unknown_part_is_an_error_naming_it(tmp_path):

@@ -309,9 +309,10 @@ def measure_imprint(w: World, workdir: str, subjects=2, amplitudes=(8, 16), max_
     return {k: {m: float(np.mean([r[m] for r in v])) for m in v[0]} for k, v in out.items()}
 
 
-def gate_config(models: str, subjects: int, max_steps: int, eval_config: str = "configs/eval_miniworld.py"):
-    """The evaluation config of the gates: clean, AdvDM 8/255 and ASPL eps 0.05 x no purification,
-    JPEG 75 and blur x DreamBooth."""
+def gate_config(models: str, subjects: int, max_steps: int, eval_config: str = "configs/eval_miniworld.py",
+                settings=GATE_SETTINGS):
+    """The evaluation config of the gates: clean, AdvDM 8/255 and ASPL eps 0.05 x ``settings`` (no
+    purification, JPEG 75 and blur) x DreamBooth."""
     from ldu_jax.evaluate import load_config_file
     c = load_config_file(eval_config)
     c.data = f"miniworld:{int(subjects)}"
@@ -319,7 +320,7 @@ def gate_config(models: str, subjects: int, max_steps: int, eval_config: str = "
     c.sd, c.face_backend = os.path.join(models, "sd"), "miniworld:" + os.path.join(models, "identity")
     c.methods = ("none", "advdm", "aspl")
     c.method_overrides = {**c.method_overrides, "advdm": dict(ADVDM_8), "aspl": dict(ASPL_005)}
-    c.settings = GATE_SETTINGS
+    c.settings = tuple(settings)
     c.attacks = ("dreambooth",)
     c.attack_overrides = {**c.attack_overrides, "dreambooth": {"max_steps": int(max_steps)}}
     return c
@@ -349,6 +350,8 @@ def gates(rows, encoder: dict | None = None) -> list[dict]:
         d_fdfr = cell(method, "none", "fdfr") - cell("none", "none", "fdfr")
         out.append({"gate": f"{label}: FDFR rise", "value": d_fdfr, "threshold": 0.0, "passed": d_fdfr > 0})
         for s in ("JPEG 75", "blur σ=1"):
+            if not np.isfinite(cut[s]):
+                continue            # that purification was not run (--gate_settings)
             out.append({"gate": f"{label}: cut after {s} < cut without", "value": cut[s],
                         "threshold": cut["none"], "passed": cut[s] < cut["none"]})
     return out
@@ -357,7 +360,7 @@ def gates(rows, encoder: dict | None = None) -> list[dict]:
 # ------------------------------------------------------------------------------------ command
 
 def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int = 4, attack_steps: int = 200,
-              encoder_steps: int = 200, redo: bool = False, log=print) -> dict:
+              encoder_steps: int = 200, redo: bool = False, gate_settings=GATE_SETTINGS, log=print) -> dict:
     """Run the parts (each cached in ``<workdir>/calibrate.json``); returns every result."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -380,9 +383,10 @@ def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int =
             res[part] = measure_imprint(w, workdir, max_steps=attack_steps)
         else:
             from ldu_jax import evaluate
-            cfg = gate_config(models, n_subjects, attack_steps)
+            cfg = gate_config(models, n_subjects, attack_steps, settings=gate_settings)
             rows = evaluate.run(cfg, os.path.join(workdir, "gates"), log=log)
             res[part] = gates(rows, res.get("encoder"))
+            res["gates_setup"] = {"subjects": int(n_subjects), "dreambooth_steps": int(attack_steps)}
         files.write_json(path, res)
     return res
 
@@ -418,6 +422,9 @@ def report(res: dict) -> str:
             lines.append(f"| {k} | {v['ism']:.3f} | {v['face_rate']:.2f} | {imp} | {ch} |")
         lines.append("")
     if "gates" in res:
+        g = res.get("gates_setup")
+        if g:
+            lines += [f"gates: {g['subjects']} held-out subjects, DreamBooth {g['dreambooth_steps']} steps", ""]
         lines += ["| gate | value | threshold | passed |", "|---|---|---|---|"]
         lines += [f"| {g['gate']} | {g['value']:.3f} | {g['threshold']:.3f} | {'yes' if g['passed'] else 'NO'} |"
                   for g in res["gates"]]
@@ -433,7 +440,7 @@ def _main(argv):
         files.write_json(os.path.join(f.workdir, "encoder_along_run.json"), rows)
         return
     res = calibrate(f.workdir, f.models, tuple(p for p in f.parts.split(",") if p), f.subjects, f.attack_steps,
-                    f.encoder_steps, f.redo)
+                    f.encoder_steps, f.redo, tuple(s for s in f.gate_settings.split(",") if s))
     print(report(res))
 
 
@@ -447,6 +454,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("subjects", 4, "held-out subjects")
     flags.DEFINE_integer("attack_steps", 200, "DreamBooth steps (imprint, gates)")
     flags.DEFINE_integer("encoder_steps", 200, "PhotoGuard PGD steps (published: 1000)")
+    flags.DEFINE_string("gate_settings", ",".join(GATE_SETTINGS),
+                        "the purifications the gates run (the evaluation caches each cell: a later run with more "
+                        "extends the same work dir)")
     flags.DEFINE_bool("redo", False, "recompute parts already in calibrate.json")
     flags.DEFINE_string("vae_run", "", "instead: the encoder attack at each checkpoint of this train_vae work dir")
     flags.DEFINE_enum("style", "v2", ["v1", "v2"], "the portraits --vae_run attacks")
