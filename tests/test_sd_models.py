@@ -112,9 +112,12 @@ def test_loads_without_torch_quietly(torch_models):
     assert "deprecated" not in r.stderr, r.stderr
 
 
-def test_bin_equals_safetensors(torch_models, loaded):
+def test_bin_equals_safetensors(torch_models, loaded, monkeypatch):
     _, _, dirs = torch_models
-    sd_bin, p_bin = M.load_sd(dirs["sd1_bin"])
+    monkeypatch.delenv("LDU_JAX_ALLOW_PICKLE", raising=False)
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.bin is a PyTorch pickle .*allow_pickle=True"):
+        M.load_sd(dirs["sd1_bin"])
+    sd_bin, p_bin = M.load_sd(dirs["sd1_bin"], allow_pickle=True)
     sd, p = loaded["sd1"]
     assert _tree_equal(p_bin, p)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(p))
@@ -206,8 +209,31 @@ def test_unexpected_or_float16_only_weights_refuse_to_load(torch_models, tmp_pat
     state = load_file(path)
     state["down_blocks.0.attentions.0.extra_norm.weight"] = np.ones(4, np.float32)
     save_file(state, path)
-    with pytest.raises(ValueError, match="1 unexpected unet parameters, e.g. down_blocks_0/attentions_0/extra_norm"):
+    with pytest.raises(ValueError, match=r"1 unexpected unet parameters, e.g. down_blocks\.0\.attentions\.0\.extra_norm"):
         M.load_sd(d)
+
+
+def test_pytorch_names_and_layouts_map_both_ways(torch_models, loaded):
+    """convert: every PyTorch tensor lands on one parameter of our trees and comes back unchanged;
+    the VAE's older attention names (query/key/value/proj_attn) map onto the same parameters."""
+    from flax.traverse_util import flatten_dict
+
+    from ldu_jax.sd import convert
+    torch, nets, _ = torch_models
+    _, params = loaded["sd2"]
+    for part, net in (("vae", nets["vae"]), ("unet", nets["sd2"][0]), ("text_encoder", nets["sd2"][1])):
+        state = {k: v.numpy() for k, v in net.state_dict().items() if not k.endswith("position_ids")}
+        tree, unmapped = convert.torch_to_flax(state, params[part])
+        assert not unmapped and set(flatten_dict(tree)) == set(flatten_dict(params[part])), part
+        back = convert.flax_to_torch(tree)
+        assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state), part
+    state = {k: v.numpy() for k, v in nets["vae"].state_dict().items()}
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
+           for k, v in state.items()}
+    assert old != state and _tree_equal(convert.torch_to_flax(old, params["vae"])[0],
+                                        convert.torch_to_flax(state, params["vae"])[0])
+    assert convert.torch_to_flax({"decoder.conv_in.weight_v": state["decoder.conv_in.weight"]},
+                                 params["vae"])[1] == ["decoder.conv_in.weight_v"]
 
 
 def test_flax_roundtrip_bit_identical(loaded, tmp_path):

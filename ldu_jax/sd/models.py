@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldu_jax import files
+from ldu_jax.sd import convert
 from ldu_jax.sd import schedule as sch
 from ldu_jax.sd.vae import TINY_VAE, compiled_init, quiet_diffusers, tiny_vae
 
@@ -189,11 +190,12 @@ def _build_tiny_sd(seed: int, dtype) -> tuple[SD, dict]:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_sd(source: str, dtype=jnp.float32) -> tuple[SD, dict]:
+def load_sd(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> tuple[SD, dict]:
     """Load ``(SD, params)``: ``'tiny'``, a diffusers-format folder (vae/ unet/ text_encoder/
     tokenizer/ scheduler/), or a hub id (when online). Each model part may hold Flax msgpack,
-    PyTorch safetensors (read without torch) or PyTorch .bin (needs torch) weights. Modules compute
-    in ``dtype``; params are float32 (use ``cast_params`` for less)."""
+    PyTorch safetensors (read without torch) or, with ``allow_pickle`` (or LDU_JAX_ALLOW_PICKLE=1),
+    PyTorch .bin (a pickle; needs torch) weights. Modules compute in ``dtype``; params are float32
+    (use ``cast_params`` for less)."""
     quiet_diffusers()
     if source == "tiny":
         return tiny_sd(dtype=dtype)
@@ -202,7 +204,7 @@ def load_sd(source: str, dtype=jnp.float32) -> tuple[SD, dict]:
         if source.startswith(("/", ".", "~")) or source.count("/") > 1:
             raise FileNotFoundError(f"SD folder {source} does not exist")
         source = _download(source)
-    return _load_folder(source, dtype)
+    return _load_folder(source, dtype, allow_pickle)
 
 
 def _download(repo_id: str) -> str:
@@ -219,7 +221,7 @@ def _require(path: str, what: str) -> str:
     return path
 
 
-def _load_folder(folder: str, dtype) -> tuple[SD, dict]:
+def _load_folder(folder: str, dtype, allow_pickle: bool = False) -> tuple[SD, dict]:
     quiet_diffusers()
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
@@ -256,7 +258,7 @@ def _load_folder(folder: str, dtype) -> tuple[SD, dict]:
         "unet": jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)),
         "text_encoder": jax.eval_shape(lambda k: te.init_weights(k, (1, n_pos)), jax.random.PRNGKey(0)),
     }
-    params = {part: _load_weights(os.path.join(folder, part), part, _plain(shapes[part]))
+    params = {part: _load_weights(os.path.join(folder, part), part, _plain(shapes[part]), allow_pickle)
               for part in ("vae", "unet", "text_encoder")}
     sd = SD(vae, unet, te, tok, sched, int(unet.config.sample_size) * _vae_factor(vae))
     return sd, params
@@ -311,18 +313,23 @@ def _find_weights(part_dir: str, part: str) -> tuple[str, str]:
                             f"{', '.join(n for _, n in cands)} in {part_dir}")
 
 
-def _read_torch_state(kind: str, path: str) -> dict:
+def _read_torch_state(kind: str, path: str, allow_pickle: bool) -> dict:
     """A PyTorch state dict as NumPy arrays (bf16 stays ml_dtypes.bfloat16)."""
     if kind.endswith("_index"):
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         state = {}
         for s in shards:
-            state.update(_read_torch_state(kind[:-len("_index")], os.path.join(os.path.dirname(path), s)))
+            state.update(_read_torch_state(kind[:-len("_index")], os.path.join(os.path.dirname(path), s),
+                                           allow_pickle))
         return state
     if kind == "safetensors":
         from safetensors.numpy import load_file
         return load_file(path)
+    if not (allow_pickle or os.environ.get("LDU_JAX_ALLOW_PICKLE") == "1"):
+        raise ValueError(f"{path} is a PyTorch pickle (.bin): unpickling can run code from the file. Convert it "
+                         "to .safetensors, or, for a file you trust, pass allow_pickle=True to load_sd (commands: "
+                         "set LDU_JAX_ALLOW_PICKLE=1)")
     try:
         import torch
     except ImportError as e:
@@ -354,7 +361,7 @@ def _torch_to_flax(part: str, state: dict, shapes) -> dict:
     return convert_pytorch_state_dict_to_flax({k: _HasNumpy(v) for k, v in state.items()}, proxy)
 
 
-def _load_weights(part_dir: str, part: str, shapes) -> dict:
+def _load_weights(part_dir: str, part: str, shapes, allow_pickle: bool = False) -> dict:
     """Read a part's weights and check them against the expected tree; float32 jnp leaves."""
     from flax import serialization
     from flax.traverse_util import flatten_dict, unflatten_dict
@@ -362,17 +369,18 @@ def _load_weights(part_dir: str, part: str, shapes) -> dict:
     if kind == "flax":
         with open(path, "rb") as f:
             tree = serialization.msgpack_restore(f.read())
+        got = flatten_dict(_plain(tree))
+        extra = ["/".join(k) for k in got if k not in flatten_dict(shapes)]
     else:
-        tree = _torch_to_flax(part, _read_torch_state(kind, path), shapes)
-    got, want = flatten_dict(_plain(tree)), flatten_dict(shapes)
+        tree, extra = convert.torch_to_flax(_read_torch_state(kind, path, allow_pickle), shapes)
+        got = flatten_dict(tree)
+    want = flatten_dict(shapes)
+    if extra:   # weights of something the model does not build: it would compute another function
+        raise ValueError(f"{path}: {len(extra)} unexpected {part} parameters, e.g. " + ", ".join(extra[:5]))
     missing = [k for k in want if k not in got]
     if missing:
         raise ValueError(f"{path}: {len(missing)} {part} parameters missing, e.g. "
                          + ", ".join("/".join(k) for k in missing[:5]))
-    extra = [k for k in got if k not in want and k[-1] != "position_ids"]
-    if extra:   # weights of something the model does not build: it would compute another function
-        raise ValueError(f"{path}: {len(extra)} unexpected {part} parameters, e.g. "
-                         + ", ".join("/".join(k) for k in extra[:5]))
     out = {}
     for k, spec in want.items():
         a = np.asarray(got[k])
