@@ -17,13 +17,16 @@ Differences from the MATLAB original: it fits a symmetric GGD to the MSCN map, p
 replication and halves with antialiased bicubic resizing; scores differ by a few points.
 
 CLIP-IQA (Wang et al. 2023, zero-shot): softmax over logit_scale * cos(image, prompt) for the
-antonym prompts ("Good photo.", "Bad photo."); the score is the probability of the first.
+antonym prompts ("Good photo.", "Bad photo."); the score is the probability of the first. The model
+is ours (``ldu_jax.sd.clip.CLIPModel``, transformers' CLIPModel numerics) read from a transformers
+CLIP folder or hub id; the tokenizer is transformers' CLIPTokenizer.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import pickle
 
@@ -195,18 +198,34 @@ def brisque(images, *, model_dir: str | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # CLIP-IQA
 
+_CLIP_HUB_FILES = ('config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors',
+                   'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json', 'added_tokens.json')
+
+
 @functools.lru_cache(maxsize=2)
-def load_clip(source: str):
-    """(FlaxCLIPModel, params, CLIPTokenizer) from a local folder or hub id (Flax weights, else
-    PyTorch weights when torch is installed); no random initialisation is run."""
-    from transformers import CLIPTokenizer, FlaxCLIPModel
-    try:
-        model, params = FlaxCLIPModel.from_pretrained(source, _do_init=False)
-    except OSError as e:
-        if importlib.util.find_spec('torch') is None:
-            raise OSError(f'{source}: no Flax CLIP weights found (PyTorch weights need torch installed)') from e
-        model, params = FlaxCLIPModel.from_pretrained(source, from_pt=True, _do_init=False)
-    return model, params, CLIPTokenizer.from_pretrained(source)
+def load_clip(source: str, allow_pickle: bool = False):
+    """(ldu_jax.sd.clip.CLIPModel, params, CLIPTokenizer) from a transformers CLIP folder (config.json;
+    flax_model.msgpack, model.safetensors, or a pytorch_model.bin only with ``allow_pickle`` or
+    LDU_JAX_ALLOW_PICKLE=1) or a hub id (its config, safetensors and tokenizer are downloaded).
+    Every parameter is read from the files, strictly; none is initialised at random."""
+    import jax
+    from transformers import CLIPTokenizer
+
+    from ldu_jax.sd import clip, weights
+    folder = source if os.path.isdir(source) else _download_clip(source)
+    path = os.path.join(folder, 'config.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{source}: no CLIP config ({path} not found)')
+    with open(path) as f:
+        model = clip.CLIPModel(clip.CLIPConfig.from_dict(json.load(f), path))
+    shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    params = weights.load(folder, 'clip', shapes, allow_pickle)
+    return model, params, CLIPTokenizer.from_pretrained(folder)
+
+
+def _download_clip(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id, allow_patterns=list(_CLIP_HUB_FILES))
 
 
 def clip_preprocess(img: np.ndarray, size: int) -> np.ndarray:
@@ -227,9 +246,10 @@ def _iqa_fn(model):
     import jax.numpy as jnp
 
     @jax.jit
-    def fn(params, pixels, ids, mask):
-        img = model.get_image_features(pixels, params=params)
-        txt = model.get_text_features(ids, attention_mask=mask, params=params)
+    def fn(params, pixels, ids):
+        pixels = pixels.transpose(0, 2, 3, 1)    # CxHxW (clip_preprocess, as transformers') -> our NHWC
+        img = model.apply({'params': params}, pixels, method=model.get_image_features)
+        txt = model.apply({'params': params}, ids, method=model.get_text_features)
         img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
         txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
         logits = jnp.exp(params['logit_scale']) * img @ txt.T
@@ -239,10 +259,12 @@ def _iqa_fn(model):
 
 def clip_iqa(images, clip_source, *, prompts=('Good photo.', 'Bad photo.'), batch_size: int = 32) -> np.ndarray:
     """CLIP-IQA score per image in [0, 1]: P(prompts[0]) of the softmax over the two prompts.
-    ``clip_source``: a folder or hub id, or a (FlaxCLIPModel, params, CLIPTokenizer) triple."""
+    ``clip_source``: a folder or hub id, or a (ldu_jax.sd.clip.CLIPModel, params, CLIPTokenizer) triple."""
     model, params, tok = load_clip(clip_source) if isinstance(clip_source, str) else clip_source
     if len(prompts) != 2:
         raise ValueError(f'clip_iqa: expected two antonym prompts, got {prompts!r}')
+    if tok.padding_side != 'right':    # the text features take no mask: right padding is never attended to
+        raise ValueError(f'clip_iqa: the tokenizer pads on the {tok.padding_side}; CLIP pads on the right')
     t = tok(list(prompts), padding=True, return_tensors='np')
     size = model.config.vision_config.image_size
     images = as_images(images)
@@ -251,5 +273,5 @@ def clip_iqa(images, clip_source, *, prompts=('Good photo.', 'Bad photo.'), batc
         px = np.stack([clip_preprocess(img, size) for img in images[i:i + bs]])
         n = len(px)
         px = np.concatenate([px, np.zeros((bs - n,) + px.shape[1:], px.dtype)])  # one compiled shape
-        out.append(np.asarray(fn(params, px, t['input_ids'], t['attention_mask']))[:n])
+        out.append(np.asarray(fn(params, px, t['input_ids']))[:n])
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

@@ -12,6 +12,8 @@ written before ``ldu_jax.sd`` owned its modules still load.
     ...norm1.weight                           .../norm1/scale
     text_model.encoder.layers.0.mlp.fc1.weight  text_model/encoder/layers/0/mlp/fc1/kernel
     ...token_embedding.weight                 .../token_embedding/embedding
+    vision_model.embeddings.class_embedding   vision_model/embeddings/class_embedding   (a bare
+    logit_scale                               logit_scale         nn.Parameter: the same name)
 
 What a PyTorch ``weight`` becomes (kernel, scale or embedding) is read off the target tree, which
 the caller builds from the config (``jax.eval_shape`` of the module's init): nothing is guessed
@@ -27,6 +29,8 @@ _LISTS = frozenset(("down_blocks", "up_blocks", "resnets", "attentions", "transf
 # the VAE's attention projections kept diffusers' older names in Flax (the UNet's did not)
 _VAE_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
 _VAE_ATTN_OUT = {v: k for k, v in _VAE_ATTN.items()}
+# the Flax leaves a PyTorch module's "weight" becomes
+_WEIGHTS = ("kernel", "scale", "embedding")
 # PyTorch buffers that are not parameters
 _BUFFERS = ("position_ids",)
 
@@ -34,7 +38,7 @@ _BUFFERS = ("position_ids",)
 def _flax_path(stem: str) -> tuple[str, ...]:
     """A PyTorch key without its leaf (``weight`` / ``bias``) -> the Flax module path."""
     parts: list[str] = []
-    for p in stem.split("."):
+    for p in stem.split(".") if stem else ():     # "" : a top-level parameter (CLIP's logit_scale)
         if p.isdigit() and parts and parts[-1] in _LISTS:
             parts[-1] = f"{parts[-1]}_{p}"
         else:
@@ -69,7 +73,9 @@ def torch_to_flax(state: dict, shapes: dict) -> tuple[dict, list[str]]:
         if isinstance(node, dict) and leaf == "bias":
             name = "bias" if "bias" in node else None
         elif isinstance(node, dict) and leaf == "weight":
-            name = next((n for n in ("kernel", "scale", "embedding") if n in node), None)
+            name = next((n for n in _WEIGHTS if n in node), None)
+        elif isinstance(node, dict) and leaf in node and not isinstance(node[leaf], dict):
+            name = leaf     # a bare parameter, not a module's weight: its name is the same in Flax
         if name is None:
             unmapped.append(key)
             continue
@@ -102,7 +108,8 @@ def flax_to_torch(tree: dict) -> dict:
             a = np.asarray(node)
             if leaf == "kernel":
                 a = np.transpose(a, (3, 2, 0, 1)) if a.ndim == 4 else a.T
-            out[".".join(names + ["bias" if leaf == "bias" else "weight"])] = np.ascontiguousarray(a)
+            torch_leaf = "weight" if leaf in _WEIGHTS else leaf     # bias, or a bare parameter's name
+            out[".".join(names + [torch_leaf])] = np.asarray(a, order="C")   # (ascontiguousarray makes 0-d 1-d)
             return
         for k, v in node.items():
             visit(v, path + (k,))
