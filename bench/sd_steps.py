@@ -35,15 +35,14 @@ SD_SHAPED_UNET = dict(
 
 def sd_shaped(dtype):
     """The tiny bundle with an SD-shaped UNet (random) and a 768-d text encoder, at 256 px."""
-    from diffusers import FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    from ldu_jax.sd.clip import CLIPTextModel
+    from ldu_jax.sd.unet import UNet, UNetConfig
     sd, params = sdm.load_sd("tiny", dtype=dtype)
-    unet = FlaxUNet2DConditionModel(**SD_SHAPED_UNET, dtype=dtype)
-    te_cfg = CLIPTextConfig(**{**sd.text_encoder.config.to_dict(), "hidden_size": 768,
-                               "intermediate_size": 3072, "num_attention_heads": 12})
-    te = FlaxCLIPTextModel(te_cfg, seed=0, dtype=dtype, _do_init=False)
-    params = {"vae": params["vae"], "unet": unet.init_weights(jax.random.PRNGKey(0)),
-              "text_encoder": te.init_weights(jax.random.PRNGKey(1), (1, 77))}
+    unet = UNet(UNetConfig.from_dict(SD_SHAPED_UNET), dtype)
+    te = CLIPTextModel(dataclasses.replace(sd.text_encoder.config, hidden_size=768, intermediate_size=3072,
+                                           num_attention_heads=12), dtype)
+    params = {"vae": params["vae"], "unet": unet.init_params(jax.random.PRNGKey(0)),
+              "text_encoder": te.init_params(jax.random.PRNGKey(1))}
     sd = dataclasses.replace(sd, unet=unet, text_encoder=te, resolution=256)
     return sd, params
 

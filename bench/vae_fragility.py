@@ -61,8 +61,8 @@ def variant_config(name, size, steps, save_every):
 def posterior_noise(module, params, images_u8) -> float:
     """Mean posterior std over the std of the posterior means: the latent noise the decoder sees."""
     x = jnp.asarray(images_u8, jnp.float32) / 127.5 - 1.0
-    dist = module.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), method=module.encode).latent_dist
-    return float(jnp.mean(dist.std) / jnp.std(dist.mean))
+    mean, logvar = module.apply({"params": params}, x, method=module.encode)
+    return float(jnp.mean(jnp.exp(0.5 * logvar)) / jnp.std(mean))
 
 
 def main():

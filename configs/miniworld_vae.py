@@ -1,4 +1,4 @@
-"""The mini-world's VAE: diffusers FlaxAutoencoderKL, factor 4 (64 px -> 16x16x4), trained from
+"""The mini-world's VAE: SD's AutoencoderKL (ldu_jax.sd.autoencoder), factor 4 (64 px -> 16x16x4), trained from
 scratch on the procedural portraits (ldu_jax/miniworld/train_vae.py).
 
     get_config()          the real run (0.68M parameters, 2.7 MB of float32 weights)

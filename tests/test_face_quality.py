@@ -1,7 +1,8 @@
 """Face identity (dlib: FDFR, ISM) and no-reference quality (BRISQUE against the brisque package,
-CLIP-IQA against an independent computation on a tiny random CLIP) on scikit-image's photos."""
-import functools
+CLIP-IQA against transformers' image processor and a NumPy softmax on a tiny random CLIP; its parity
+with transformers' PyTorch CLIP is in test_clip_model.py) on scikit-image's photos."""
 import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -114,19 +115,23 @@ def test_brisque_rises_with_distortion(photos):
 
 @pytest.fixture(scope='module')
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, FlaxCLIPModel
+    """A random tiny CLIP folder as transformers writes it: config.json, model.safetensors (our
+    parameters in PyTorch's names and layouts), the tokenizer."""
+    from safetensors.numpy import save_file
+    from transformers import CLIPConfig
 
+    from ldu_jax.sd import clip, convert
     from ldu_jax.sd import models as M
     from ldu_jax.sd.vae import compiled_init
     tok = M.tiny_tokenizer()
     vision = {'hidden_size': 32, 'intermediate_size': 37, 'num_hidden_layers': 2, 'num_attention_heads': 2,
               'image_size': 32, 'patch_size': 8}
-    cfg = CLIPConfig(text_config=M.tiny_text_config(tok).to_dict(), vision_config=vision, projection_dim=16)
-    model = FlaxCLIPModel(cfg, _do_init=False)
-    params = compiled_init(functools.partial(model.init_weights, input_shape=model.input_shape),
-                           jax.random.PRNGKey(0))
+    cfg = CLIPConfig(text_config=M.tiny_text_config(tok), vision_config=vision, projection_dim=16)
+    model = clip.CLIPModel(clip.CLIPConfig.from_dict(cfg.to_dict()))
+    params = compiled_init(model.init_params, jax.random.PRNGKey(0))
     path = str(tmp_path_factory.mktemp('clip'))
-    model.save_pretrained(path, params=params)
+    cfg.save_pretrained(path)
+    save_file(convert.flax_to_torch(jax.device_get(params)), os.path.join(path, 'model.safetensors'))
     tok.save_pretrained(path)
     return path
 
@@ -142,9 +147,10 @@ def test_clip_iqa(photos, tiny_clip):
     proc = CLIPImageProcessor(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
     px = proc(imgs, return_tensors='np')['pixel_values']
     t = tok(['Good photo.', 'Bad photo.'], padding=True, return_tensors='np')
-    img = np.asarray(jax.jit(lambda p, x: model.get_image_features(x, params=p))(params, px), np.float64)
-    txt = np.asarray(jax.jit(lambda p, i, m: model.get_text_features(i, attention_mask=m, params=p))(
-        params, t['input_ids'], t['attention_mask']), np.float64)
+    img = np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x, method=model.get_image_features))(
+        params, px.transpose(0, 2, 3, 1)), np.float64)
+    txt = np.asarray(jax.jit(lambda p, i: model.apply({'params': p}, i, method=model.get_text_features))(
+        params, t['input_ids']), np.float64)
     img /= np.linalg.norm(img, axis=-1, keepdims=True)
     txt /= np.linalg.norm(txt, axis=-1, keepdims=True)
     logits = np.exp(float(params['logit_scale'])) * img @ txt.T

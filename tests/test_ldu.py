@@ -236,7 +236,10 @@ def test_ldu_opt_returns_a_feasible_image_no_worse_than_no_shift(setup):
     d = np.asarray(ldu.distance(ldu.quantize_ste(x_prot), x))
     assert np.all(d <= c.eps * (1 + 1e-6))           # within the budget after uint8 rounding
     zero_score = ldu.pers_loss(models, params, x, ti_ids, db_ids, ldu.opt_score_key(key), c)
-    assert np.all(np.asarray(info["l_pers"]) >= np.asarray(zero_score))   # never worse than no shift
+    # never worse than no shift: equal when it keeps no shift, up to float32 rounding of the same loss
+    # computed in two programs (VAE + UNet, ~50 layers: 1e-5 relative; a real loss drop is ~1e-2)
+    zero = np.asarray(zero_score)
+    assert np.all(np.asarray(info["l_pers"]) >= zero * (1 - 1e-5))
     moved = np.asarray(info["delta_norm"]) > 0
     assert moved.any()
     assert np.all(d[moved] >= 0.5 * c.eps)            # a moved image is scaled onto the budget

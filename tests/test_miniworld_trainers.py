@@ -131,7 +131,7 @@ def test_vae_adversarial_phase_starts_from_a_run_and_trains_the_discriminator_fr
     assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_adv"]) for r in recs)
     # the generator started from the earlier run's weights, not from a random initialisation
     from ldu_jax.miniworld.train_vae import make_vae_module
-    rand = make_vae_module(c.model).init_weights(jax.random.PRNGKey(c.seed))
+    rand = make_vae_module(c.model).init_params(jax.random.PRNGKey(c.seed))
     dist = lambda a, b: np.sqrt(sum(float(np.sum(np.square(np.asarray(x) - np.asarray(y))))  # noqa: E731
                                     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))))
     assert dist(s2["params"], start["params"]) < 0.2 * dist(rand, start["params"])

@@ -13,6 +13,7 @@ from flax.traverse_util import flatten_dict
 from ldu_jax.sd import autoencoder as ae
 from ldu_jax.sd import clip
 from ldu_jax.sd import models as M
+from ldu_jax.sd import weights
 from ldu_jax.sd.vae import TINY_VAE
 
 TOL = 1e-5  # max abs difference relative to the reference output's max abs (as tests/test_sd_models.py)
@@ -30,13 +31,12 @@ def _rel(a, ref):
 
 
 def _shapes(tree):
-    return {k: tuple(v.shape) for k, v in flatten_dict(M._plain(tree)).items()}
+    return {k: tuple(v.shape) for k, v in flatten_dict(tree).items()}
 
 
 def _text_config(act):
-    cfg = M.tiny_text_config(M.tiny_tokenizer())
-    cfg.hidden_act = act
-    return cfg
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(**M.tiny_text_config(M.tiny_tokenizer()), hidden_act=act)
 
 
 def _vae_init(config):
@@ -55,7 +55,6 @@ def _clip_init(config):
 
 @pytest.mark.parametrize("name", VAES)
 def test_vae_tree_is_diffusers_flax_tree(name):
-    M.quiet_diffusers()
     from diffusers import FlaxAutoencoderKL
     theirs = jax.eval_shape(FlaxAutoencoderKL(**VAES[name]).init_weights, jax.random.PRNGKey(0))
     _, ours = _vae_init(ae.VAEConfig.from_dict(VAES[name]))
@@ -64,7 +63,6 @@ def test_vae_tree_is_diffusers_flax_tree(name):
 
 @pytest.mark.parametrize("act", ACTS)
 def test_clip_tree_is_transformers_flax_tree(act):
-    M.quiet_diffusers()
     from transformers import FlaxCLIPTextModel
     te = FlaxCLIPTextModel(_text_config(act), _do_init=False)
     theirs = jax.eval_shape(lambda k: te.init_weights(k, (1, 77)), jax.random.PRNGKey(0))
@@ -96,7 +94,7 @@ def vaes(torch):
         tv = _perturbed(torch, AutoencoderKL(**kw))
         model, shapes = _vae_init(ae.VAEConfig.from_dict(dict(tv.config)))   # the full PyTorch config
         state = {k: v.numpy() for k, v in tv.state_dict().items()}
-        out[name] = tv, model, M._torch_to_flax("vae", state, M._plain(shapes))
+        out[name] = tv, model, weights.onto(state, shapes)
     return out
 
 
@@ -109,7 +107,7 @@ def texts(torch):
         tt = _perturbed(torch, CLIPTextModel(_text_config(act)))
         model, shapes = _clip_init(clip.CLIPTextConfig.from_dict(tt.config.to_dict()))
         state = {k: v.numpy() for k, v in tt.state_dict().items()}
-        out[act] = tt, model, M._torch_to_flax("text_encoder", state, M._plain(shapes))
+        out[act] = tt, model, weights.onto(state, shapes)
     return out
 
 

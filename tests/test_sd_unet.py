@@ -12,6 +12,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from ldu_jax.sd import models as M
+from ldu_jax.sd import weights
 from ldu_jax.sd import unet as U
 
 TOL = 1e-5  # max abs difference relative to the reference output's max abs
@@ -48,7 +49,6 @@ def _shapes(tree):
 def torch_unets():
     """PyTorch twins of CONFIGS, every weight perturbed so that no norm is an identity."""
     torch = pytest.importorskip("torch", reason="PyTorch parity tests need torch")
-    M.quiet_diffusers()
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
     nets = {}
@@ -82,7 +82,7 @@ def _converted(torch_unets, name):
         unet = U.UNet(cfg)
         shapes = jax.eval_shape(unet.init_params, jax.random.PRNGKey(0))
         state = {k: v.numpy() for k, v in nets[name].state_dict().items()}
-        params = M._torch_to_flax("unet", state, dict(shapes))
+        params = weights.onto(state, shapes)
         assert _shapes(params) == _shapes(shapes)
         _CACHE["params", name] = unet, params
     return _CACHE["params", name]
@@ -143,7 +143,6 @@ def test_spatial_transformer_groupnorm_eps(torch_unets):
 def test_param_tree_is_diffusers_flax_tree(name):
     """Same names, shapes and dtypes as diffusers' FlaxUNet2DConditionModel (its fields only: the
     rest does not change the tree), so its msgpack and orbax checkpoints load unchanged."""
-    M.quiet_diffusers()
     from diffusers import FlaxUNet2DConditionModel
     fields = {f.name for f in dataclasses.fields(FlaxUNet2DConditionModel)}
     theirs = FlaxUNet2DConditionModel(**{k: v for k, v in CONFIGS[name].items() if k in fields})

@@ -1,7 +1,7 @@
 """Train a small text-to-image latent diffusion model from scratch (the mini-world's "Stable Diffusion").
 
-A CLIP text encoder (transformers ``FlaxCLIPTextModel``, a few layers) and a text-conditioned
-diffusers ``FlaxUNet2DConditionModel`` (cross-attention) are trained jointly on the latents of a
+A CLIP text encoder (``ldu_jax.sd.clip``, a few layers) and a text-conditioned UNet
+(``ldu_jax.sd.unet``, cross-attention) are trained jointly on the latents of a
 trained, frozen VAE (``train_vae.py``) with Stable Diffusion's noise-prediction loss
 (``ldu_jax.personalize.common.latent_loss``: epsilon target, SD's scaled-linear DDPM schedule,
 VAE posterior samples). Captions are replaced by the empty prompt with probability
@@ -43,6 +43,8 @@ from ldu_jax.sd import make_tiny_tokenizer as mtt
 from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
 from ldu_jax.sd import vae as vae_lib
+from ldu_jax.sd.clip import CLIPTextConfig, CLIPTextModel
+from ldu_jax.sd.unet import UNet, UNetConfig
 from ldu_jax.shortcut.trainer import TrainState, make_optimizer
 
 # The prompts the attacks and evaluations use: their words must be tokens too.
@@ -102,41 +104,35 @@ def unet_config(unet_cfg, sample_size: int, cross_attention_dim: int) -> dict:
                 block_out_channels=tuple(int(c) for c in unet_cfg.block_out_channels),
                 layers_per_block=int(unet_cfg.layers_per_block),
                 down_block_types=tuple(unet_cfg.down_block_types), up_block_types=tuple(unet_cfg.up_block_types),
-                attention_head_dim=int(unet_cfg.num_heads),  # diffusers' Flax UNet: the number of heads
+                attention_head_dim=int(unet_cfg.num_heads),  # diffusers' naming: the number of heads
                 cross_attention_dim=int(cross_attention_dim))
 
 
-def text_config(text_cfg, tok):
-    from transformers import CLIPTextConfig
-    return CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, hidden_size=int(text_cfg.hidden_size),
-                          intermediate_size=int(text_cfg.intermediate_size),
-                          num_hidden_layers=int(text_cfg.num_layers), num_attention_heads=int(text_cfg.num_heads),
-                          max_position_embeddings=int(text_cfg.max_length))
+def text_config(text_cfg, tok) -> dict:
+    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, hidden_size=int(text_cfg.hidden_size),
+                intermediate_size=int(text_cfg.intermediate_size), num_hidden_layers=int(text_cfg.num_layers),
+                num_attention_heads=int(text_cfg.num_heads), max_position_embeddings=int(text_cfg.max_length))
 
 
 def make_sd(config, vae: vae_lib.VAE, tok) -> sdm.SD:
     """The SD bundle (modules only) of ``config.model`` on a trained VAE."""
-    vae_lib.quiet_diffusers()
-    from diffusers import FlaxUNet2DConditionModel
-    from transformers import FlaxCLIPTextModel
     resolution = int(config.resolution)
     if resolution % vae.factor:
         raise ValueError(f"config.resolution={resolution} is not divisible by the VAE factor {vae.factor}")
     if int(config.model.unet.latent_channels) != vae.latent_channels:
         raise ValueError(f"config.model.unet.latent_channels={config.model.unet.latent_channels} but the VAE "
                          f"has {vae.latent_channels} latent channels")
-    te = FlaxCLIPTextModel(text_config(config.model.text, tok), _do_init=False)
-    unet = FlaxUNet2DConditionModel.from_config(
-        unet_config(config.model.unet, resolution // vae.factor, config.model.text.hidden_size))
+    te = CLIPTextModel(CLIPTextConfig.from_dict(text_config(config.model.text, tok), "config.model.text"))
+    unet = UNet(UNetConfig.from_dict(unet_config(config.model.unet, resolution // vae.factor,
+                                                 config.model.text.hidden_size), "config.model.unet"))
     scheduler = {**sch.SD_SCHEDULER, **dict(config.get("scheduler", {}))}
     return sdm.SD(vae.module, unet, te, tok, scheduler, resolution)
 
 
 def init_params(sd: sdm.SD, key) -> dict:
     k_unet, k_te = jax.random.split(key)
-    return {"unet": sdm._plain(sd.unet.init_weights(k_unet)),
-            "text_encoder": sdm._plain(sd.text_encoder.init_weights(k_te, (1, sd.tokenizer.model_max_length)))}
+    return {"unet": sd.unet.init_params(k_unet), "text_encoder": sd.text_encoder.init_params(k_te)}
 
 
 def t2i_optimizer(config):
@@ -274,8 +270,7 @@ def write_bundle(sd, vae_params, params, out: str) -> dict:
     """Write text encoder + UNet ``params`` with the VAE's as the diffusers bundle ``out``
     (atomically); returns the bundle's params."""
     params = {"vae": vae_params, **params}
-    with files.atomic_dir(out) as tmp:
-        sdm.save_sd(sd, params, tmp)
+    sdm.save_sd(sd, params, out)
     return params
 
 

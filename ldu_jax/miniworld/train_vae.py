@@ -1,4 +1,4 @@
-"""Train a small diffusers ``FlaxAutoencoderKL`` from scratch (the mini-world's VAE).
+"""Train a small SD-style ``AutoencoderKL`` (ldu_jax.sd.autoencoder) from scratch (the mini-world's VAE).
 
 Loss per image: L1 (or L2) reconstruction of a posterior sample's decode, plus ``kl_weight`` x the
 KL divergence to N(0, I) (both means over elements), plus ``edge_weight`` x the L1 error of the
@@ -25,8 +25,8 @@ checkpoint in ``workdir`` and logs ``metrics.jsonl`` (loss, rec, kl, edge, psnr,
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
 from typing import Any
 
 import flax
@@ -39,6 +39,7 @@ import optax
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import loop, parallel
 from ldu_jax.sd import vae as vae_lib
+from ldu_jax.sd.autoencoder import AutoencoderKL, VAEConfig
 from ldu_jax.shortcut.trainer import make_optimizer
 
 
@@ -75,7 +76,7 @@ def adversarial(loss_cfg) -> bool:
 
 
 def vae_config(model_cfg) -> dict:
-    """The diffusers ``FlaxAutoencoderKL`` config of ``config.model`` (factor 2^(blocks - 1))."""
+    """The diffusers ``AutoencoderKL`` config of ``config.model`` (factor 2^(blocks - 1))."""
     n = len(model_cfg.block_out_channels)
     return dict(in_channels=3, out_channels=3, latent_channels=int(model_cfg.latent_channels),
                 down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -84,10 +85,14 @@ def vae_config(model_cfg) -> dict:
                 sample_size=int(model_cfg.sample_size), scaling_factor=1.0)
 
 
-def make_vae_module(model_cfg, **overrides):
-    vae_lib.quiet_diffusers()
-    from diffusers import FlaxAutoencoderKL
-    return FlaxAutoencoderKL.from_config({**vae_config(model_cfg), **overrides})
+def make_vae_module(model_cfg, **overrides) -> AutoencoderKL:
+    return AutoencoderKL(VAEConfig.from_dict({**vae_config(model_cfg), **overrides}))
+
+
+def _sample(module, params, images, key):
+    """(posterior sample, mean, log-variance) of images: unscaled NHWC latents."""
+    mean, logvar = module.apply({"params": params}, images, method=module.encode)
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype), mean, logvar
 
 
 def psnr(x, y):
@@ -103,12 +108,11 @@ def _edges(x):
 def vae_losses(module, params, images, key, loss_cfg, disc=None, disc_params=None, adv_on=0.0):
     """(loss, (info, reconstruction)) of one batch: reconstruction of a posterior sample, KL, edge
     loss; with ``disc``, ``adv_on`` (0 or 1) x the adversarial and feature-matching terms."""
-    dist = module.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)), method=module.encode).latent_dist
-    z = dist.sample(key)                                     # NHWC (diffusers' Flax posterior is NHWC)
-    rec = jnp.transpose(module.apply({"params": params}, z, method=module.decode).sample, (0, 2, 3, 1))
+    z, mean, logvar = _sample(module, params, images, key)
+    rec = module.apply({"params": params}, z, method=module.decode)
     err = rec - images
     rec_loss = jnp.mean(jnp.abs(err)) if loss_cfg.rec == "l1" else jnp.mean(jnp.square(err))
-    kl = 0.5 * jnp.mean(jnp.square(dist.mean) + dist.var - 1.0 - dist.logvar)
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
     loss = rec_loss + loss_cfg.kl_weight * kl
     info = {"rec": rec_loss, "kl": kl, "psnr": jnp.mean(psnr(rec, images)), "latent_std": jnp.std(z)}
     if loss_cfg.edge_weight:
@@ -172,9 +176,8 @@ def latent_stats(module, params, image_batches, seed: int, mesh=None) -> tuple[f
     """(std of posterior-sampled unscaled latents, mean reconstruction PSNR through the posterior
     mean) over the given image batches, one jitted pass per batch."""
     def one(p, x, key):
-        dist = module.apply({"params": p}, jnp.transpose(x, (0, 3, 1, 2)), method=module.encode).latent_dist
-        rec = jnp.transpose(module.apply({"params": p}, dist.mean, method=module.decode).sample, (0, 2, 3, 1))
-        z = dist.sample(key)
+        z, mean, _ = _sample(module, p, x, key)
+        rec = module.apply({"params": p}, mean, method=module.decode)
         return jnp.mean(z), jnp.mean(jnp.square(z)), jnp.mean(psnr(rec, x))
 
     f = jax.jit(one)
@@ -188,19 +191,9 @@ def latent_stats(module, params, image_batches, seed: int, mesh=None) -> tuple[f
 
 def write_vae(module, params, scaling_factor: float, path: str):
     """Save the VAE in diffusers format with ``scaling_factor`` in its config (atomically)."""
-    out = make_vae_module_from(module, scaling_factor=float(scaling_factor))
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae_lib.save_vae(vae_lib.VAE(out, jax.device_get(params)), tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    out = AutoencoderKL(dataclasses.replace(module.config, scaling_factor=float(scaling_factor)), module.dtype)
+    vae_lib.save_vae(vae_lib.VAE(out, jax.device_get(params)), path)
     return vae_lib.VAE(out, params)
-
-
-def make_vae_module_from(module, **overrides):
-    from diffusers import FlaxAutoencoderKL
-    cfg = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
-    return FlaxAutoencoderKL.from_config({**cfg, **overrides}, dtype=module.dtype)
 
 
 def initial_params(init_from: str, module, size: int):
@@ -211,7 +204,7 @@ def initial_params(init_from: str, module, size: int):
     state, meta = ckpt.restore_state(init_from)
     if meta.get("kind") != "vae":
         raise ckpt.CheckpointMismatchError(f"init_from={init_from} is not a VAE run (kind={meta.get('kind')!r})")
-    want = ckpt.param_shapes(jax.eval_shape(module.init_weights, jax.random.PRNGKey(0)))
+    want = ckpt.param_shapes(jax.eval_shape(module.init_params, jax.random.PRNGKey(0)))
     if meta.get("param_shapes") != want or list(meta.get("data_shape", [])) != [size, size, 3]:
         raise ckpt.CheckpointMismatchError(f"init_from={init_from} holds a different VAE architecture or size")
     return jax.tree_util.tree_map(jnp.asarray, state["params"])
@@ -232,7 +225,7 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     init_params = initial_params(config.get("init_from", ""), module, size)
 
     def init_fn(key):
-        params = module.init_weights(key) if init_params is None else init_params
+        params = module.init_params(key) if init_params is None else init_params
         if disc is None:
             return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params))
         d = disc.init(jax.random.fold_in(key, 1), jnp.zeros((1, size, size, 3)))["params"]

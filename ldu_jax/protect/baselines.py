@@ -166,8 +166,7 @@ def _maybe_remat(fn, cfg, static_argnums=()):
 def posterior(sd, vae_params, x, cfg=None):
     """The VAE posterior of images: (mean, logvar), unscaled NHWC latents."""
     def enc(p, x):
-        dist = sd.vae.apply({"params": p}, jnp.transpose(x, (0, 3, 1, 2)), method=sd.vae.encode).latent_dist
-        return dist.mean, dist.logvar
+        return sd.vae.apply({"params": p}, x, method=sd.vae.encode)
     if cfg is not None and cfg.remat:
         enc = jax.checkpoint(enc)
     return enc(vae_params, x)

@@ -18,7 +18,7 @@ from ldu_jax.sd import models as sdm
 
 
 def latent_shape(sd, resolution: int):
-    f = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    f = sd.vae.config.factor
     return (resolution // f, resolution // f, int(sd.vae.config.latent_channels))
 
 

@@ -237,3 +237,11 @@ class AutoencoderKL(nn.Module):
 
     def __call__(self, x):
         return self.decode(self.encode(x)[0])
+
+    def init_params(self, rng) -> dict:
+        """Random float32 params; the key is split as diffusers' ``init_weights`` split it, so a seed
+        gives the weights it gave before we owned the module."""
+        params_rng, dropout_rng = jax.random.split(rng)
+        s = self.config.factor
+        x = jnp.zeros((1, s, s, self.config.in_channels), jnp.float32)
+        return self.init({"params": params_rng, "dropout": dropout_rng}, x)["params"]

@@ -46,6 +46,9 @@ FIXED = dict(
     cross_attention_norm=None, mid_block_only_cross_attention=None, reverse_transformer_layers_per_block=None,
     addition_embed_type=None, addition_time_embed_dim=None, addition_embed_type_num_heads=64,
     projection_class_embeddings_input_dim=None)
+# Keys of diffusers' Flax UNet configs (folders written before we owned the module) that choose how
+# attention is computed, not what
+FLAX_ONLY = ("split_head_dim", "use_memory_efficient_attention")
 
 
 def _is_int(v, low=1):
@@ -82,7 +85,7 @@ class UNetConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {}
         for k, v in cfg.items():
-            if k.startswith("_"):       # diffusers' metadata: _class_name, _diffusers_version, ...
+            if k.startswith("_") or k in FLAX_ONLY:   # metadata (_class_name, ...), Flax-only choices
                 continue
             if k in FIXED:
                 if v != FIXED[k]:
@@ -397,8 +400,11 @@ class UNet(nn.Module):
         return _conv(c.out_channels, 3, self.dtype, "conv_out")(x)
 
     def init_params(self, rng) -> dict:
-        """Random float32 params (Flax's default initialisers), traced on the smallest sample."""
+        """Random float32 params (Flax's default initialisers), traced on the smallest sample; the key
+        is split as diffusers' ``init_weights`` split it, so a seed gives the weights it gave before."""
         s = 2 ** (len(self.config.block_out_channels) - 1)
         sample = jnp.zeros((1, s, s, self.config.in_channels), jnp.float32)
         ctx = jnp.zeros((1, 1, self.config.cross_attention_dim), jnp.float32)
-        return self.init(rng, sample, jnp.ones((1,), jnp.int32), ctx)["params"]
+        params_rng, dropout_rng = jax.random.split(rng)
+        return self.init({"params": params_rng, "dropout": dropout_rng}, sample, jnp.ones((1,), jnp.int32),
+                         ctx)["params"]

@@ -1,8 +1,7 @@
-"""The Stable Diffusion VAE (diffusers Flax) as pure functions on NHWC images in [-1, 1].
+"""The Stable Diffusion VAE (``autoencoder.AutoencoderKL``) as pure functions on NHWC images in [-1, 1].
 
 Latents are NHWC and scaled: ``encode`` multiplies by the VAE's ``scaling_factor``, ``decode``
-divides first. diffusers' Flax VAE takes NCHW input and returns NCHW output; the transposes live
-here only.
+divides first.
 """
 from __future__ import annotations
 
@@ -12,19 +11,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-
-def quiet_diffusers():
-    """Silence diffusers' per-module Flax deprecation lines (call before importing its Flax
-    classes: some log at import) and transformers' Flax deprecation line."""
-    import logging
-
-    from diffusers.utils import logging as dlogging
-    dlogging.set_verbosity_error()
-    logging.getLogger("transformers.modeling_flax_utils").setLevel(logging.ERROR)
+from ldu_jax.sd.autoencoder import AutoencoderKL, VAEConfig
 
 
 class VAE(NamedTuple):
-    module: Any  # diffusers FlaxAutoencoderKL
+    module: AutoencoderKL
     params: Any
 
     @property
@@ -33,7 +24,7 @@ class VAE(NamedTuple):
 
     @property
     def factor(self) -> int:
-        return 2 ** (len(self.module.config.block_out_channels) - 1)
+        return self.module.config.factor
 
     @property
     def latent_channels(self) -> int:
@@ -54,53 +45,54 @@ TINY_VAE = dict(
 
 def tiny_vae(seed: int = 0) -> VAE:
     """A small randomly initialised VAE with SD's downsampling factor 8 (64 px -> 8x8 latents)."""
-    quiet_diffusers()
-    from diffusers import FlaxAutoencoderKL
-    module = FlaxAutoencoderKL(**TINY_VAE)
-    return VAE(module, compiled_init(module.init_weights, jax.random.PRNGKey(seed)))
+    module = AutoencoderKL(VAEConfig.from_dict(TINY_VAE))
+    return VAE(module, compiled_init(module.init_params, jax.random.PRNGKey(seed)))
 
 
-def load_vae(source: str, dtype=jnp.float32) -> VAE:
-    """Load a VAE: ``tiny`` (random), a diffusers folder (a VAE folder or a full SD folder with
-    ``vae/``), or a hub id when online (e.g. ``stabilityai/sd-vae-ft-mse``)."""
-    quiet_diffusers()
-    from diffusers import FlaxAutoencoderKL
+def load_vae(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> VAE:
+    """Load a VAE: ``tiny`` (random), a diffusers folder (a VAE folder, or an SD folder with
+    ``vae/``) or a hub id when online (e.g. ``stabilityai/sd-vae-ft-mse``), its weights read as
+    ``load_sd`` reads them."""
+    from ldu_jax.sd import weights
     if source == "tiny":
         return tiny_vae()
-    kwargs = {"dtype": dtype}
-    if os.path.isdir(source):
-        if os.path.isdir(os.path.join(source, "vae")):
-            kwargs["subfolder"] = "vae"
-    elif source.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"VAE folder {source} does not exist")
-    module, params = FlaxAutoencoderKL.from_pretrained(source, **kwargs)
-    return VAE(module, params)
+    source = os.path.expanduser(source)
+    if not os.path.isdir(source):
+        if not weights.is_hub_id(source):
+            raise FileNotFoundError(f"VAE folder {source} does not exist")
+        source = weights.download(source, parts=("", "vae"))
+    if os.path.isdir(os.path.join(source, "vae")):
+        source = os.path.join(source, "vae")
+    config = VAEConfig.from_dict(weights.read_config(source, "vae"), os.path.join(source, "config.json"), dtype=dtype)
+    module = AutoencoderKL(config, dtype)
+    shapes = jax.eval_shape(module.init_params, jax.random.PRNGKey(0))
+    return VAE(module, weights.load(source, "vae", shapes, allow_pickle))
 
 
 def save_vae(vae: VAE, path: str):
-    vae.module.save_pretrained(path, params=vae.params)
+    """A diffusers VAE folder (config.json, PyTorch-layout safetensors), written atomically."""
+    from ldu_jax import files
+    from ldu_jax.sd import weights
+    with files.atomic_dir(path) as tmp:
+        weights.save(tmp, "vae", vae.module.config, vae.params)
 
 
 def encode(vae: VAE, params, images, key=None):
     """NHWC images in [-1, 1] -> scaled NHWC latents (a posterior sample if key, else its mean)."""
-    dist = vae.module.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)),
-                            method=vae.module.encode).latent_dist
-    z = dist.mean if key is None else dist.sample(key)
-    return z * vae.scaling_factor
+    mean, std = posterior(vae, params, images)
+    return mean if key is None else mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 def posterior(vae: VAE, params, images):
     """NHWC images in [-1, 1] -> (mean, std) of the scaled latent posterior: a sample is
     mean + std * N(0, I), the same draw ``encode`` makes from the same key."""
-    dist = vae.module.apply({"params": params}, jnp.transpose(images, (0, 3, 1, 2)),
-                            method=vae.module.encode).latent_dist
-    return dist.mean * vae.scaling_factor, dist.std * vae.scaling_factor
+    mean, logvar = vae.module.apply({"params": params}, images, method=vae.module.encode)
+    return mean * vae.scaling_factor, jnp.exp(0.5 * logvar) * vae.scaling_factor
 
 
 def decode(vae: VAE, params, latents):
     """Scaled NHWC latents -> NHWC images (nominally in [-1, 1])."""
-    out = vae.module.apply({"params": params}, latents / vae.scaling_factor, method=vae.module.decode)
-    return jnp.transpose(out.sample, (0, 2, 3, 1))
+    return vae.module.apply({"params": params}, latents / vae.scaling_factor, method=vae.module.decode)
 
 
 _DECODERS: dict = {}
@@ -109,8 +101,7 @@ _DECODERS: dict = {}
 def decoder(module):
     """A jitted ``(params, latents) -> images`` for a VAE module, compiled once per module and shape.
 
-    Keyed on the module's identity: a module built from a JSON config holds lists and is not
-    hashable (the entry keeps the module alive, so its id is not reused)."""
+    Keyed on the module's identity (the entry keeps the module alive, so its id is not reused)."""
     entry = _DECODERS.get(id(module))
     if entry is None or entry[0] is not module:
         entry = _DECODERS[id(module)] = (module, jax.jit(lambda params, z: decode(VAE(module, None), params, z)))
