@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ldu_jax import files
+from ldu_jax.sd import weights
 from ldu_jax.sd.autoencoder import AutoencoderKL, VAEConfig
 
 
@@ -53,7 +55,6 @@ def load_vae(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> VAE:
     """Load a VAE: ``tiny`` (random), a diffusers folder (a VAE folder, or an SD folder with
     ``vae/``) or a hub id when online (e.g. ``stabilityai/sd-vae-ft-mse``), its weights read as
     ``load_sd`` reads them."""
-    from ldu_jax.sd import weights
     if source == "tiny":
         return tiny_vae()
     source = os.path.expanduser(source)
@@ -71,8 +72,6 @@ def load_vae(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> VAE:
 
 def save_vae(vae: VAE, path: str):
     """A diffusers VAE folder (config.json, PyTorch-layout safetensors), written atomically."""
-    from ldu_jax import files
-    from ldu_jax.sd import weights
     with files.atomic_dir(path) as tmp:
         weights.save(tmp, "vae", vae.module.config, vae.params)
 

@@ -8,12 +8,17 @@ load in diffusers' and transformers' PyTorch classes too.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
+from flax.traverse_util import flatten_dict, unflatten_dict
 
+from ldu_jax import files
 from ldu_jax.sd import convert
 
 # (Flax msgpack name, weight file stems) per part; the first stem is the one we write
@@ -98,8 +103,6 @@ def read_torch_state(kind: str, path: str, allow_pickle: bool) -> dict:
 def load(part_dir: str, part: str, shapes: dict, allow_pickle: bool = False) -> dict:
     """Read a part's weights onto ``shapes`` (the module's parameter tree, e.g. from
     ``jax.eval_shape``); see ``onto``."""
-    from flax import serialization
-    from flax.traverse_util import flatten_dict
     kind, path = find(part_dir, part)
     if kind != "flax":
         return onto(read_torch_state(kind, path, allow_pickle), shapes, f"{path}: {part}")
@@ -113,13 +116,11 @@ def onto(state: dict, shapes: dict, where: str = "weights") -> dict:
     """A PyTorch state dict on ``shapes``: every parameter present with its shape and nothing else,
     or a ValueError (starting with ``where``) naming what is unexpected, missing or misshapen.
     float32 jnp leaves."""
-    from flax.traverse_util import flatten_dict
     tree, extra = convert.torch_to_flax(state, shapes)
     return _checked(flatten_dict(tree), extra, shapes, where)
 
 
 def _checked(got: dict, extra: list, shapes: dict, where: str) -> dict:
-    from flax.traverse_util import flatten_dict, unflatten_dict
     if extra:   # weights of something the model does not build: it would compute another function
         raise ValueError(f"{where}: {len(extra)} unexpected parameters, e.g. " + ", ".join(extra[:5]))
     want = flatten_dict(shapes)
@@ -138,7 +139,6 @@ def _checked(got: dict, extra: list, shapes: dict, where: str) -> dict:
 
 def config_dict(part: str, config, tokenizer=None) -> dict:
     """A module config as the config.json diffusers' and transformers' PyTorch classes write."""
-    import dataclasses
     c = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
     if part == "text_encoder":
         ids = {} if tokenizer is None else dict(
@@ -151,10 +151,7 @@ def config_dict(part: str, config, tokenizer=None) -> dict:
 def save(part_dir: str, part: str, config, params, tokenizer=None):
     """Write ``config.json`` (from the module's config dataclass; ``tokenizer``: the text encoder's
     special token ids) and the weights as PyTorch-layout safetensors into ``part_dir``."""
-    import jax
     from safetensors.numpy import save_file
-
-    from ldu_jax import files
     os.makedirs(part_dir, exist_ok=True)
     files.write_json(os.path.join(part_dir, "config.json"), config_dict(part, config, tokenizer), indent=2,
                      sort_keys=True)
