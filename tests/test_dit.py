@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ldu_jax.models.dit import DiT
+from numerics import assert_f32_close
 
 CFG = dict(patch_size=2, hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0, out_channels=4, num_classes=3)
 X_SHAPE = (2, 8, 8, 4)
@@ -111,7 +112,8 @@ def test_forward_matches_numpy_transcription(model_params):
     got = np.asarray(model.apply({"params": params}, x, t, dt, y))
     want = _np_forward(params, x, t, dt, y, CFG)
     assert np.abs(want).max() > 0.1
-    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+    # float32 against a mostly float64 transcription: embeddings ~4 layers + 2 blocks x ~9
+    assert_f32_close(got, want, depth=22)
 
 
 def test_options_do_not_change_the_maths(model_params):
@@ -120,7 +122,7 @@ def test_options_do_not_change_the_maths(model_params):
     ref = model.apply({"params": params}, x, t, dt, y)
     for opts in (dict(remat=True), dict(attention="xla")):
         out = model.clone(**opts).apply({"params": params}, x, t, dt, y)
-        np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=str(opts))
+        assert_f32_close(out, ref, depth=22, err_msg=str(opts))  # the DiT's ~22 layers
     bf16 = model.clone(dtype=jnp.bfloat16).apply({"params": params}, x, t, dt, y)
     assert bf16.dtype == jnp.bfloat16
     rel = float(jnp.linalg.norm(bf16.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))

@@ -12,6 +12,7 @@ from PIL import Image
 skimage_data = pytest.importorskip('skimage.data')
 
 from ldu_jax.metrics import face, quality
+from numerics import assert_f32_close
 
 
 @pytest.fixture(scope='module')
@@ -155,4 +156,5 @@ def test_clip_iqa(photos, tiny_clip):
     txt /= np.linalg.norm(txt, axis=-1, keepdims=True)
     logits = np.exp(float(params['logit_scale'])) * img @ txt.T
     expected = 1 / (1 + np.exp(logits[:, 1] - logits[:, 0]))
-    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    # other batches: two cosines after a tower's ~20 layers, each moving the score by <= logit scale / 4
+    assert_f32_close(scores, expected, depth=20, scale=np.exp(float(params['logit_scale'])) / 2)

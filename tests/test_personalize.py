@@ -12,6 +12,7 @@ from ldu_jax import attack, parallel
 from ldu_jax.personalize import common, dreambooth, lora, textual_inversion as ti
 from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
+from numerics import assert_adam_close
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,10 @@ def fixed_loss(sd, params, images, ids, n=4):
     reps = jnp.concatenate([images] * n)
     ids = jnp.broadcast_to(jnp.asarray(ids), (reps.shape[0], ids.shape[-1]))  # one prompt [L] for all
     return float(jnp.mean(common.denoising_loss(sd, sched, params, reps, ids, key)))
+
+
+# a TI step: the VAE encoder (~35 layers), the UNet (~90) forward and back, the text encoder (~20) back
+TI_DEPTH = 240
 
 
 def ti_config(**kw):
@@ -134,7 +139,7 @@ def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path,
     loads = []
     real_load = sdm.load_sd
     monkeypatch.setattr(sdm, "load_sd", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    # batch 4: each subject's batch over 4 devices (as alone), the 2 subjects over 2 x 4
+    # batch 4: each subject's batch over 4 devices (as alone), the 2 subjects over 2 x 4 (on 8)
     cfgs = {"ti": ti_config(max_steps=6, save_every=6, log_every=3, batch_size=4),
             "dreambooth": db_config(max_steps=4, save_every=4, log_every=2, batch_size=4)}
     cfgs["dreambooth"].class_images_dir = str(tmp_path / "class")
@@ -151,7 +156,8 @@ def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path,
                                 str(tmp_path / "group" / kind), logs.append, save_model=False)
         many.update({(kind, i): o for i, o in enumerate(out)})
         # 8 devices: each subject's batch of 4 over 4 of them, the 2 subjects side by side
-        assert any("2 subjects in one program, on a 2 x 4 device mesh (subjects x data)" in m for m in logs), logs
+        s, b = parallel.subject_mesh(2, 4).devices.shape
+        assert any(f"2 subjects in one program, on a {s} x {b} device mesh (subjects x data)" in m for m in logs), logs
     assert len(loads) == 1                      # one model for every run
     assert len(attacker._updates) == 4          # one step per attack, one per attack batched over 2 subjects,
     assert all(u._cache_size() == 1 for u in attacker._updates.values())   # each traced once
@@ -160,8 +166,9 @@ def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path,
     # batched = one at a time: the learned TI rows, and every sample of both attacks
     for i in range(2):
         a, b = (load_file(str(tmp_path / d / "ti" / str(i) / "learned_embeds.safetensors")) for d in ("one", "many"))
-        np.testing.assert_allclose(a["<sks>"] if "<sks>" in a else next(iter(a.values())),
-                                   b["<sks>"] if "<sks>" in b else next(iter(b.values())), rtol=1e-4, atol=1e-5)
+        assert_adam_close(b["<sks>"] if "<sks>" in b else next(iter(b.values())),
+                          a["<sks>"] if "<sks>" in a else next(iter(a.values())),
+                          lr=cfgs["ti"].lr, steps=cfgs["ti"].max_steps, depth=TI_DEPTH)
     for key, out in one.items():
         for prompt in out:
             np.testing.assert_allclose(out[prompt].astype(int), many[key][prompt].astype(int), atol=2)
@@ -248,17 +255,25 @@ def test_ti_step_on_8_devices_equals_1_device(tiny, faces):
         state = ti.init_state(params, token_id, tx)
         step = jax.jit(ti.make_step(sd, sched, tx, token_id, 8, 0, parallel.data_sharding(mesh)))
         for _ in range(2):
+            first = state.row
             state, _ = step(state, params, images, ids)
-        rows.append(np.asarray(state.row))
-    np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+        rows.append((state.row, first))
+    assert_adam_close(rows[1][0], rows[0][0], lr=cfg.lr, steps=2, depth=TI_DEPTH)
+    with pytest.raises(AssertionError):   # one step fewer is far off
+        assert_adam_close(rows[1][0], rows[0][1], lr=cfg.lr, steps=2, depth=TI_DEPTH)
 
 
 @pytest.mark.parametrize("subjects,batch,shape", [(2, 8, (1, 8)), (8, 1, (8, 1)), (3, 2, (1, 2)), (4, 2, (4, 2)),
                                                   (6, 4, (2, 4)), (1, 3, (1, 1)), (8, 4, (2, 4))])
 def test_subject_mesh_keeps_the_batch_layout_then_spreads_subjects(subjects, batch, shape):
-    assert len(jax.devices()) == 8
+    n = jax.device_count()
     mesh = parallel.subject_mesh(subjects, batch)
     assert mesh.axis_names == (parallel.SUBJECTS, parallel.AXIS)
-    assert mesh.devices.shape == shape
+    if n == 8:   # the layouts above
+        assert mesh.devices.shape == shape
+    # any count: the most devices dividing the batch, then the most subject groups that fit
+    shape = mesh.devices.shape
+    assert shape[1] == max(d for d in range(1, n + 1) if batch % d == 0 and n % d == 0)
+    assert shape[0] == max(s for s in range(1, n // shape[1] + 1) if subjects % s == 0 and (n // shape[1]) % s == 0)
     assert shape[1] == parallel.batch_mesh(batch).devices.size   # each subject's batch as in a run alone
     assert len(set(mesh.devices.flat)) == shape[0] * shape[1]
