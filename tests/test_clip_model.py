@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+import former_flax
 from ldu_jax.metrics import quality
 from ldu_jax.sd import clip, convert
 from ldu_jax.sd import models as M
@@ -87,7 +88,8 @@ def _reference(torch, tm, pixels, ids):
     with torch.no_grad():
         img = tm.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
         txt = tm.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
-    return img.numpy(), txt.numpy()
+    # transformers 5 returns the model output with the projected features as pooler_output
+    return (getattr(img, "pooler_output", img).numpy(), getattr(txt, "pooler_output", txt).numpy())
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -167,7 +169,7 @@ def test_mapping_both_ways(clips):
     assert convert.torch_to_flax({"logit_bias": state["logit_scale"]}, params)[1] == ["logit_bias"]
 
 
-def test_flax_msgpack_and_pickle_folders(clips, tmp_path):
+def test_flax_msgpack_and_pickle_folders(torch, clips, tmp_path):
     """A folder with the Flax msgpack transformers' FlaxCLIPModel wrote (its parameter tree, which
     ours is) loads the same parameters; a .bin only when pickles are allowed."""
     from flax import serialization
@@ -177,7 +179,8 @@ def test_flax_msgpack_and_pickle_folders(clips, tmp_path):
     M.tiny_tokenizer().save_pretrained(flax_dir)
     with open(os.path.join(flax_dir, "flax_model.msgpack"), "wb") as f:
         f.write(serialization.to_bytes(jax.device_get(params)))
-    tm.save_pretrained(bin_dir, safe_serialization=False)
+    tm.config.save_pretrained(bin_dir)     # a pickle, as transformers 4 wrote it (5 writes safetensors only)
+    torch.save(tm.state_dict(), os.path.join(bin_dir, "pytorch_model.bin"))
     M.tiny_tokenizer().save_pretrained(bin_dir)
     with pytest.raises(ValueError, match="pytorch_model.bin is a PyTorch pickle"):
         quality.load_clip(bin_dir)
@@ -188,20 +191,14 @@ def test_flax_msgpack_and_pickle_folders(clips, tmp_path):
 
 
 def test_tree_and_init_are_transformers_flax_ones():
-    """transformers' FlaxCLIPModel's names and shapes, and for a seed its random weights (while an
-    installed transformers has it)."""
-    try:
-        from transformers import FlaxCLIPModel
-    except ImportError:
-        pytest.skip("this transformers has no Flax classes")
+    """transformers' former FlaxCLIPModel's names, shapes and dtypes, and for a seed its random
+    weights bit for bit (stored from transformers 4.57, see former_flax.py)."""
     from ldu_jax.sd.vae import compiled_init
-    cfg = _hf_config("legacy-eos2")
-    fm = FlaxCLIPModel(cfg, _do_init=False)
-    key = jax.random.PRNGKey(3)
-    theirs = flatten_dict(compiled_init(lambda k: fm.init_weights(k, fm.input_shape), key))
-    ours = flatten_dict(compiled_init(clip.CLIPModel(clip.CLIPConfig.from_dict(cfg.to_dict())).init_params, key))
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
-    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    for name in CONFIGS:
+        model = clip.CLIPModel(clip.CLIPConfig.from_dict(_hf_config(name).to_dict()))
+        former_flax.assert_tree("clip", name, jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
+    model = clip.CLIPModel(clip.CLIPConfig.from_dict(_hf_config("legacy-eos2").to_dict()))
+    former_flax.assert_init("clip/legacy-eos2/3", compiled_init(model.init_params, jax.random.PRNGKey(3)))
 
 
 # ----------------------------------------------------------------------------- strict config

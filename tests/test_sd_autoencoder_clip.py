@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
 
+import former_flax
 from ldu_jax.sd import autoencoder as ae
 from ldu_jax.sd import clip
 from ldu_jax.sd import models as M
@@ -28,10 +28,6 @@ ACTS = ("quick_gelu", "gelu")
 def _rel(a, ref):
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
-def _shapes(tree):
-    return {k: tuple(v.shape) for k, v in flatten_dict(tree).items()}
 
 
 def _text_config(act):
@@ -55,19 +51,16 @@ def _clip_init(config):
 
 @pytest.mark.parametrize("name", VAES)
 def test_vae_tree_is_diffusers_flax_tree(name):
-    from diffusers import FlaxAutoencoderKL
-    theirs = jax.eval_shape(FlaxAutoencoderKL(**VAES[name]).init_weights, jax.random.PRNGKey(0))
+    """diffusers' former FlaxAutoencoderKL's tree (stored from diffusers 0.39, see former_flax.py)."""
     _, ours = _vae_init(ae.VAEConfig.from_dict(VAES[name]))
-    assert _shapes(ours) == _shapes(theirs)
+    former_flax.assert_tree("vae", name, ours)
 
 
 @pytest.mark.parametrize("act", ACTS)
 def test_clip_tree_is_transformers_flax_tree(act):
-    from transformers import FlaxCLIPTextModel
-    te = FlaxCLIPTextModel(_text_config(act), _do_init=False)
-    theirs = jax.eval_shape(lambda k: te.init_weights(k, (1, 77)), jax.random.PRNGKey(0))
+    """transformers' former FlaxCLIPTextModel's tree (stored from transformers 4.57)."""
     _, ours = _clip_init(clip.CLIPTextConfig.from_dict(_text_config(act).to_dict()))
-    assert _shapes(ours) == _shapes(theirs)
+    former_flax.assert_tree("clip_text", act, ours)
 
 
 # ----------------------------------------------------------------------------- parity with PyTorch

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import former_flax
 from ldu_jax.sd import make_tiny_tokenizer
 from ldu_jax.sd import models as M
 from ldu_jax.sd import schedule as sch
@@ -63,8 +64,17 @@ def torch_models(tmp_path_factory):
         d = dirs[name] = str(base / name)
         nets["vae"].save_pretrained(os.path.join(d, "vae"), safe_serialization=safe)
         unet.save_pretrained(os.path.join(d, "unet"), safe_serialization=safe)
-        text.save_pretrained(os.path.join(d, "text_encoder"), safe_serialization=safe)
-        tok.save_pretrained(os.path.join(d, "tokenizer"))
+        if safe:
+            text.save_pretrained(os.path.join(d, "text_encoder"))
+        else:   # a pickle, as transformers 4 wrote it (transformers 5 writes safetensors only)
+            text.config.save_pretrained(os.path.join(d, "text_encoder"))
+            torch.save(text.state_dict(), os.path.join(d, "text_encoder", "pytorch_model.bin"))
+        if name == "sd2":   # what transformers writes (tokenizer.json with transformers 5)
+            tok.save_pretrained(os.path.join(d, "tokenizer"))
+        else:               # as SD repositories ship it
+            os.makedirs(os.path.join(d, "tokenizer"))
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(M.TOKENIZER_DIR, f), os.path.join(d, "tokenizer", f))
         os.makedirs(os.path.join(d, "scheduler"))
         with open(os.path.join(d, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump({"_class_name": "DDIMScheduler", **sch.SD_SCHEDULER, "prediction_type": pred}, f)
@@ -210,6 +220,9 @@ def test_pytorch_names_and_layouts_map_both_ways(torch_models, loaded):
         tree, unmapped = convert.torch_to_flax(state, params[part])
         assert not unmapped and set(flatten_dict(tree)) == set(flatten_dict(params[part])), part
         back = convert.flax_to_torch(tree)
+        if part == "text_encoder":  # transformers 5's CLIPTextModel has no text_model. prefix
+            state = convert.text_model_prefixed(state)
+            assert all(k.startswith("text_model.") for k in back)
         assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state), part
     state = {k: v.numpy() for k, v in nets["vae"].state_dict().items()}
     old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
@@ -359,6 +372,14 @@ def test_generation_matches_the_diffusers_pipeline(torch_models, loaded, flavour
 @pytest.fixture(scope="module")
 def tiny():
     return M.tiny_sd(0)
+
+
+def test_tiny_sd_draws_the_former_flax_weights(tiny):
+    """A seed gives, bit for bit, the weights the libraries' former Flax classes drew for tiny_sd
+    (stored from diffusers 0.39 / transformers 4.57, see former_flax.py)."""
+    _, params = tiny
+    for part in ("vae", "unet", "text_encoder"):
+        former_flax.assert_init(f"tiny_sd0/{part}", params[part])
 
 
 def test_tiny_sd(tiny):

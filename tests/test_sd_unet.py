@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+import former_flax
 from ldu_jax.sd import models as M
 from ldu_jax.sd import weights
 from ldu_jax.sd import unet as U
@@ -141,14 +142,10 @@ def test_spatial_transformer_groupnorm_eps(torch_unets):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_param_tree_is_diffusers_flax_tree(name):
-    """Same names, shapes and dtypes as diffusers' FlaxUNet2DConditionModel (its fields only: the
-    rest does not change the tree), so its msgpack and orbax checkpoints load unchanged."""
-    from diffusers import FlaxUNet2DConditionModel
-    fields = {f.name for f in dataclasses.fields(FlaxUNet2DConditionModel)}
-    theirs = FlaxUNet2DConditionModel(**{k: v for k, v in CONFIGS[name].items() if k in fields})
-    want = jax.eval_shape(theirs.init_weights, jax.random.PRNGKey(0))
-    got = jax.eval_shape(U.UNet(U.UNetConfig(**CONFIGS[name])).init_params, jax.random.PRNGKey(0))
-    assert _shapes(got) == _shapes(want)
+    """Same names, shapes and dtypes as diffusers' former FlaxUNet2DConditionModel (stored from
+    diffusers 0.39, see former_flax.py), so its msgpack and orbax checkpoints load unchanged."""
+    former_flax.assert_tree("unet", name, jax.eval_shape(U.UNet(U.UNetConfig(**CONFIGS[name])).init_params,
+                                                         jax.random.PRNGKey(0)))
 
 
 def test_bfloat16_computes_in_bfloat16():

@@ -199,7 +199,7 @@ def brisque(images, *, model_dir: str | None = None) -> np.ndarray:
 # CLIP-IQA
 
 _CLIP_HUB_FILES = ('config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors',
-                   'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json', 'added_tokens.json')
+                   'vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'added_tokens.json')
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,9 +209,8 @@ def load_clip(source: str, allow_pickle: bool = False):
     LDU_JAX_ALLOW_PICKLE=1) or a hub id (its config, safetensors and tokenizer are downloaded).
     Every parameter is read from the files, strictly; none is initialised at random."""
     import jax
-    from transformers import CLIPTokenizer
 
-    from ldu_jax.sd import clip, weights
+    from ldu_jax.sd import clip, clip_tokenizer, weights
     folder = source if os.path.isdir(source) else _download_clip(source)
     path = os.path.join(folder, 'config.json')
     if not os.path.isfile(path):
@@ -220,7 +219,7 @@ def load_clip(source: str, allow_pickle: bool = False):
         model = clip.CLIPModel(clip.CLIPConfig.from_dict(json.load(f), path))
     shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     params = weights.load(folder, 'clip', shapes, allow_pickle)
-    return model, params, CLIPTokenizer.from_pretrained(folder)
+    return model, params, clip_tokenizer.load(folder, f'{source}: the CLIP tokenizer')
 
 
 def _download_clip(repo_id: str) -> str:

@@ -39,6 +39,7 @@ from ldu_jax import files
 from ldu_jax import loop, parallel
 from ldu_jax.miniworld.train_vae import data_stream
 from ldu_jax.personalize import common
+from ldu_jax.sd import clip_tokenizer
 from ldu_jax.sd import make_tiny_tokenizer as mtt
 from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
@@ -67,7 +68,6 @@ def build_tokenizer(texts, out_dir: str, max_length: int, base_words=True):
 
     The vocabulary is built as ``make_tiny_tokenizer`` does: CLIP's 256 byte-level characters, each
     also with '</w>', then greedy BPE merges learned on the word list (deterministic)."""
-    from transformers import CLIPTokenizer
     words = caption_words(list(texts) + list(ATTACK_PROMPTS) + (list(mtt.WORDS) if base_words else []))
     merges = mtt.learn_merges(words)
     alphabet = mtt._byte_alphabet()
@@ -80,18 +80,17 @@ def build_tokenizer(texts, out_dir: str, max_length: int, base_words=True):
         with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n")
             f.writelines(f"{a} {b}\n" for a, b in merges)
-        tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                            model_max_length=int(max_length))
+        tok = clip_tokenizer.from_files(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                                        int(max_length))
         bad = [w for w in words if len(tok.tokenize(w)) != 1]
         if bad:
             raise RuntimeError(f"tokenizer: {len(bad)} words are not single tokens, e.g. {bad[:5]}")
-        tok.save_pretrained(tmp)
+        clip_tokenizer.save(tok, tmp)
     return load_tokenizer(out_dir, max_length)
 
 
 def load_tokenizer(path: str, max_length: int):
-    from transformers import CLIPTokenizer
-    tok = CLIPTokenizer.from_pretrained(path)
+    tok = clip_tokenizer.load(path)
     tok.model_max_length = int(max_length)
     return tok
 

@@ -15,6 +15,11 @@ written before ``ldu_jax.sd`` owned its modules still load.
     vision_model.embeddings.class_embedding   vision_model/embeddings/class_embedding   (a bare
     logit_scale                               logit_scale         nn.Parameter: the same name)
 
+A CLIP text encoder's keys are ``text_model.``-prefixed in hub checkpoints and in what
+transformers 4 and we write; transformers 5's ``CLIPTextModel`` (no ``text_model`` submodule)
+writes them without the prefix: onto a text encoder's tree (``text_model`` its only key) either
+form maps, and ``flax_to_torch`` writes the prefixed one (which both transformers read).
+
 What a PyTorch ``weight`` becomes (kernel, scale or embedding) is read off the target tree, which
 the caller builds from the config (``jax.eval_shape`` of the module's init): nothing is guessed
 from shapes.
@@ -60,6 +65,8 @@ def torch_to_flax(state: dict, shapes: dict) -> tuple[dict, list[str]]:
     are checked by the caller."""
     tree: dict = {}
     unmapped = []
+    if set(shapes) == {"text_model"}:
+        state = text_model_prefixed(state)
     for key, value in state.items():
         stem, _, leaf = key.rpartition(".")
         if leaf in _BUFFERS:
@@ -87,6 +94,14 @@ def torch_to_flax(state: dict, shapes: dict) -> tuple[dict, list[str]]:
             sub = sub.setdefault(p, {})
         sub[name] = a
     return tree, unmapped
+
+
+def text_model_prefixed(state: dict) -> dict:
+    """A CLIPTextModel state dict with every key under ``text_model.`` (see the module doc); one
+    with some prefixed keys is returned as it is (so the others are unexpected)."""
+    if any(k.startswith("text_model.") for k in state):
+        return state
+    return {"text_model." + k: v for k, v in state.items()}
 
 
 def flax_to_torch(tree: dict) -> dict:

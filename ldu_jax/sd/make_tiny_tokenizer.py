@@ -14,8 +14,9 @@ import json
 import os
 import sys
 
+from ldu_jax.sd.clip_tokenizer import EOW, bytes_to_unicode
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_tokenizer")
-EOW = "</w>"
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 WORDS = """
@@ -33,13 +34,11 @@ sks zwx ohwx rare token
 
 
 def _byte_alphabet() -> list[str]:
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
     return list(bytes_to_unicode().values())
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     """Greedy BPE on byte-encoded ``words`` (each with '</w>' on its last symbol)."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
     enc = bytes_to_unicode()
     seqs = []
     for w in dict.fromkeys(words):

@@ -22,6 +22,7 @@ import numpy as np
 
 from ldu_jax import files
 from ldu_jax.sd import clip as clip_lib
+from ldu_jax.sd import clip_tokenizer
 from ldu_jax.sd import schedule as sch
 from ldu_jax.sd import unet as unet_lib
 from ldu_jax.sd import weights
@@ -77,9 +78,8 @@ def unet_apply(sd: SD, unet_params, latents_nhwc, timesteps, encoder_hidden_stat
 
 def tiny_tokenizer():
     """The small CLIP BPE tokenizer shipped in ``tiny_tokenizer/`` (see make_tiny_tokenizer.py)."""
-    from transformers import CLIPTokenizer
-    return CLIPTokenizer(os.path.join(TOKENIZER_DIR, "vocab.json"),
-                         os.path.join(TOKENIZER_DIR, "merges.txt"), model_max_length=77)
+    return clip_tokenizer.from_files(os.path.join(TOKENIZER_DIR, "vocab.json"),
+                                     os.path.join(TOKENIZER_DIR, "merges.txt"), model_max_length=77)
 
 
 def tiny_text_config(tokenizer) -> dict:
@@ -139,7 +139,6 @@ def load_sd(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> tuple
 def _load_folder(folder: str, dtype, allow_pickle: bool = False) -> tuple[SD, dict]:
     """Every config is read and checked (unsupported keys, values and block types named) before
     any weight is read."""
-    from transformers import CLIPTokenizer
     for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         weights.require(os.path.join(folder, part), f"the '{part}' subfolder")
     cfg = {part: weights.read_config(os.path.join(folder, part), part) for part in ("vae", "unet", "text_encoder")}
@@ -150,10 +149,7 @@ def _load_folder(folder: str, dtype, allow_pickle: bool = False) -> tuple[SD, di
     te = clip_lib.CLIPTextModel(clip_lib.CLIPTextConfig.from_dict(cfg["text_encoder"], "text_encoder/config.json"),
                                 dtype)
 
-    tok_dir = os.path.join(folder, "tokenizer")
-    for name in ("vocab.json", "merges.txt"):
-        weights.require(os.path.join(tok_dir, name), f"tokenizer/{name}")
-    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    tok = clip_tokenizer.load(os.path.join(folder, "tokenizer"), "SD folder's tokenizer/")
     tok.model_max_length = min(tok.model_max_length, te.config.max_position_embeddings)
 
     sched_path = weights.require(os.path.join(folder, "scheduler", "scheduler_config.json"),
@@ -187,7 +183,7 @@ def save_sd(sd: SD, params, path: str):
     with files.atomic_dir(path) as tmp:
         for part in ("vae", "unet", "text_encoder"):
             weights.save(os.path.join(tmp, part), part, getattr(sd, part).config, params[part], sd.tokenizer)
-        sd.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        clip_tokenizer.save(sd.tokenizer, os.path.join(tmp, "tokenizer"))
         os.makedirs(os.path.join(tmp, "scheduler"))
         files.write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
                          {"_class_name": "DDIMScheduler", **sd.scheduler}, indent=2, sort_keys=True)
@@ -210,7 +206,7 @@ def add_placeholder_token(sd: SD, params, token: str, init_word: str) -> tuple[S
     init_ids = tok.encode(init_word, add_special_tokens=False)
     if len(init_ids) != 1:
         raise ValueError(f"init word {init_word!r} is {len(init_ids)} tokens, needs to be exactly one")
-    if tok.add_tokens(token) != 1:
+    if clip_tokenizer.add_token(tok, token) != 1:
         raise ValueError(f"token {token!r} could not be added to the tokenizer")
     new_id = tok.convert_tokens_to_ids(token)
 
