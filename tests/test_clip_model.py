@@ -88,8 +88,7 @@ def _reference(torch, tm, pixels, ids):
     with torch.no_grad():
         img = tm.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
         txt = tm.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
-    # transformers 5 returns the model output with the projected features as pooler_output
-    return (getattr(img, "pooler_output", img).numpy(), getattr(txt, "pooler_output", txt).numpy())
+    return img.pooler_output.numpy(), txt.pooler_output.numpy()   # the projected features
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -69,7 +69,7 @@ def torch_models(tmp_path_factory):
         else:   # a pickle, as transformers 4 wrote it (transformers 5 writes safetensors only)
             text.config.save_pretrained(os.path.join(d, "text_encoder"))
             torch.save(text.state_dict(), os.path.join(d, "text_encoder", "pytorch_model.bin"))
-        if name == "sd2":   # what transformers writes (tokenizer.json with transformers 5)
+        if name == "sd2":   # what transformers writes (tokenizer.json)
             tok.save_pretrained(os.path.join(d, "tokenizer"))
         else:               # as SD repositories ship it
             os.makedirs(os.path.join(d, "tokenizer"))

@@ -321,7 +321,7 @@ class _VisionTransformer(nn.Module):
 
 
 def _eos_positions(input_ids, eos_token_id: int):
-    """Where transformers' PyTorch CLIPTextTransformer (4.57) pools: configs written before its PR
+    """Where transformers' PyTorch CLIPTextTransformer pools (4.57, 5.x): configs written before its PR
     #24773 have eos_token_id 2 (wrong) and pool at the highest id (CLIP's EOS is the last token of
     the vocabulary, but an added token is higher); the others at the first eos_token_id (padding
     may be EOS too)."""

@@ -1,14 +1,12 @@
-"""The CLIP tokenizer (transformers' ``CLIPTokenizer``): loading, saving and building tokenizer
-folders, and placeholder tokens, the same with transformers 4 (the slow Python tokenizer, which
-reads and writes ``vocab.json`` + ``merges.txt``) and transformers 5 (backed by the tokenizers
-library, which writes ``tokenizer.json``).
+"""The CLIP tokenizer (transformers' ``CLIPTokenizer``, backed by the tokenizers library):
+loading, saving and building tokenizer folders, and placeholder tokens.
 
 A tokenizer folder holds ``vocab.json`` + ``merges.txt`` (as Stable Diffusion repositories ship
-them) or ``tokenizer.json``; ``save`` writes both forms, so the folders this project writes load
-with either transformers. For the prompts this project uses the two give the same ids (tested
-against ids stored from transformers 4). Known difference: transformers 4's slow tokenizer without
-``ftfy`` splits CJK characters into separate words; transformers 5, its fast tokenizer and
-OpenAI's CLIP do not.
+them) or ``tokenizer.json`` (what transformers 5 writes); ``save`` writes both forms, so the folders
+this project writes also load with older transformers (4.x: vocab.json + merges.txt only). The ids
+are those transformers 4.57's slow tokenizer gave (tested against ids stored from it), with one
+known difference: without ``ftfy`` installed it split CJK characters into separate words, which
+transformers 5 (like OpenAI's CLIP) does not.
 """
 from __future__ import annotations
 
@@ -60,24 +58,13 @@ def load(folder: str, what: str = "tokenizer"):
     missing = missing_files(folder)
     if missing:
         raise FileNotFoundError(f"{what} lacks {' and '.join(missing)} (or a tokenizer.json): {folder}")
-    cls = tokenizer_class()
-    if not all(os.path.isfile(os.path.join(folder, n)) for n in VOCAB_FILES) and not _backed_by_tokenizers(cls):
-        # transformers 4's slow CLIPTokenizer reads only vocab.json + merges.txt
-        with _no_advisory_warnings():
-            from transformers import CLIPTokenizerFast as cls
-    return cls.from_pretrained(folder)
-
-
-def _backed_by_tokenizers(cls) -> bool:
-    return any(c.__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast") for c in cls.__mro__)
+    return tokenizer_class().from_pretrained(folder)
 
 
 def save(tok, folder: str):
-    """``tok.save_pretrained(folder)``, plus ``vocab.json`` and ``merges.txt`` (CLIP layout) when
-    the library wrote only ``tokenizer.json``."""
+    """``tok.save_pretrained(folder)`` (``tokenizer.json``, ``tokenizer_config.json``), plus
+    ``vocab.json`` and ``merges.txt`` in CLIP's layout."""
     tok.save_pretrained(folder)
-    if all(os.path.isfile(os.path.join(folder, n)) for n in VOCAB_FILES):
-        return
     vocab, merges = bpe_model(tok)
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
@@ -88,15 +75,16 @@ def save(tok, folder: str):
 
 
 def bpe_model(tok) -> tuple[dict, list[tuple[str, str]]]:
-    """(vocab, merges) of a tokenizers-backed CLIP tokenizer's BPE model (added tokens apart)."""
+    """(vocab, merges) of the tokenizer's BPE model (added tokens apart)."""
     model = json.loads(tok.backend_tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
 
 
 def add_token(tok, token: str) -> int:
-    """Add ``token`` to ``tok`` (in place) as transformers 4's slow tokenizer adds one: matched in
-    the raw text, case and all (not after lower-casing). Returns how many were added (0 or 1)."""
+    """Add ``token`` to ``tok`` (in place), matched in the raw text, case and all, as transformers
+    4's slow tokenizer matched it (transformers 5 matches a plain ``add_tokens(str)`` after
+    lower-casing). Returns how many were added (0 or 1)."""
     from tokenizers import AddedToken
     return tok.add_tokens(AddedToken(token, normalized=False))
 

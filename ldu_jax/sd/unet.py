@@ -1,5 +1,5 @@
 """The conditional UNet of Stable Diffusion 1.x / 2.x in flax.linen, NHWC: our replacement for
-diffusers' FlaxUNet2DConditionModel (diffusers 0.39 is the last release with Flax models).
+diffusers' FlaxUNet2DConditionModel (diffusers 0.39 was the last release with Flax models).
 
 - Parameters: exactly the tree (names and shapes) of diffusers' Flax UNet for the same config, so
   its msgpack files and orbax checkpoints of UNet params load unchanged. Params are float32;
