@@ -2,13 +2,17 @@
 FlaxUNet2DConditionModel, transformers 4.57's FlaxCLIPTextModel and FlaxCLIPModel) built, stored in
 tests/data/former_flax.json, so the tests still check against them with libraries that no longer
 have them: their parameter trees (names, shapes, dtypes: Flax msgpack files and checkpoints written
-with them load), and the random weights a seed drew (tiny bundles are unchanged).
+with them load), and the random weights a seed drew (tiny bundles are unchanged), as per-leaf sums:
+a normal draw's last bits follow the CPU's code generation (FMA or not, vector width), so the draws
+are compared up to float32 rounding, while another seed, split or layout moves the sums by orders more.
 
 The file was produced once with diffusers==0.39.0, transformers==4.57.6, jax 0.10.2, flax 0.12.8:
 
     PYTHONPATH=. python tests/former_flax.py    # from the repository root, with those libraries
 
 which builds every entry with the Flax classes, checks that ours give the same, and writes the file.
+Its 'init' entries were first sha256 digests of the bytes; they became these sums (issue 20) from
+our init on the machine where those digests matched, bit for bit.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import sys
 
 import numpy as np
 from flax.traverse_util import flatten_dict
+
+from numerics import f32_tol
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "former_flax.json")
 
@@ -35,12 +41,17 @@ def tree_digest(tree) -> dict:
 
 
 def leaf_digests(tree) -> dict:
-    """{path: 'dtype shape sha256(bytes)[:16]'} of a tree of arrays."""
+    """{path: 'dtype shape|sum, sum of squares, cosine-weighted sum (order-sensitive)'} of a tree of arrays."""
     out = {}
     for k, v in flatten_dict(tree).items():
-        a = np.ascontiguousarray(np.asarray(v))
-        out[_path(k)] = f"{a.dtype.name} {tuple(a.shape)} {hashlib.sha256(a.tobytes()).hexdigest()[:16]}"
+        a = np.asarray(v)
+        x = a.astype(np.float64).ravel()
+        sums = x.sum(), x @ x, x @ np.cos(np.arange(x.size))
+        out[_path(k)] = f"{a.dtype.name} {tuple(a.shape)}|" + " ".join(repr(float(s)) for s in sums)
     return dict(sorted(out.items()))
+
+
+DRAW_DEPTH = 35   # a normal draw: erfinv (log1p, sqrt, a degree-8 polynomial: ~30 operations), scaling
 
 
 def reference() -> dict:
@@ -55,7 +66,14 @@ def assert_tree(kind: str, name: str, tree):
 def assert_init(name: str, params):
     want, got = reference()["init"][name], leaf_digests(params)
     assert set(got) == set(want), (name, sorted(set(got) ^ set(want))[:5])
-    bad = [k for k in want if got[k] != want[k]]
+    flat = {_path(k): np.abs(np.asarray(v, np.float64)) for k, v in flatten_dict(params).items()}
+    bad = []
+    for k in want:   # each entry off by about an ulp of itself per operation, over DRAW_DEPTH operations
+        (meta, sums), (meta_got, sums_got) = (d[k].split("|") for d in (want, got))
+        tols = [f32_tol(s, DRAW_DEPTH) for s in (flat[k].sum(), 2 * np.sum(flat[k] ** 2), flat[k].sum())]
+        off = [abs(float(g) - float(w)) > t for g, w, t in zip(sums_got.split(), sums.split(), tols)]
+        if meta_got != meta or any(off):
+            bad.append(k)
     assert not bad, (name, len(bad), [(k, got[k], want[k]) for k in bad[:3]])
 
 
