@@ -1,27 +1,24 @@
-"""Checkpoints: orbax managers with automatic resume, and import of official shortcut-models pickles.
+"""Checkpoints: orbax managers with automatic resume.
 
 A work dir holds ``checkpoints/<step>/{state, meta}``: ``state`` the train state (orbax), ``meta``
 JSON with the model config and every parameter's shape, so a work dir made for another model is
 reported as such instead of failing deep inside orbax.
 
-Convert an official shortcut-models checkpoint (a pickle; only with an explicit flag, since
-unpickling runs code from the file):
-
-    python -m ldu_jax.checkpoint --pickle=ckpt.pkl --config=configs/shortcut_celebahq256.py \
-        --workdir=runs/celeba_official --allow_pickle
+(The converter of public shortcut-models checkpoints is ``ldu_jax.shortcut.official``.)
 """
 from __future__ import annotations
 
 import os
-import pickle
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ldu_jax import errors
 
-class CheckpointMismatchError(ValueError):
-    pass
+
+class CheckpointMismatchError(errors.UserError, ValueError):
+    """A work dir or a checkpoint file that holds another model (or state layout) than the config's."""
 
 
 def param_shapes(params) -> dict:
@@ -35,9 +32,22 @@ def make_meta(config, params, data_shape) -> dict:
             "data_shape": list(data_shape), "vae": config.vae}
 
 
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def existing_steps(workdir: str) -> list[int]:
+    """The steps saved in a work dir, oldest first; [] when it has none. Creates nothing."""
+    path = checkpoint_dir(workdir)
+    if not os.path.isdir(path):
+        return []
+    opts = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    return sorted(int(s) for s in ocp.CheckpointManager(path, options=opts).all_steps())
+
+
 def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=opts)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts)
 
 
 def save(manager, step: int, state, meta: dict):
@@ -80,7 +90,7 @@ def restore_state(workdir: str, step: int | None = None):
     manager = make_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+        raise errors.MissingError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     return state, read_meta(manager, step)
 
@@ -106,66 +116,7 @@ def export(workdir: str, out_dir: str, keys, step: int | None = None) -> int:
     return step
 
 
-def load_official_pickle(path: str, allow_pickle: bool = False) -> dict:
-    """The ``train_state`` dict of a shortcut-models checkpoint. Refuses unless ``allow_pickle``."""
-    if not allow_pickle:
-        raise PermissionError(
-            f"{path} is a pickle; unpickling can run arbitrary code from the file. Pass allow_pickle=True "
-            "(--allow_pickle on the command line) only for files you trust.")
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    if not isinstance(data, dict) or "train_state" not in data or "params" not in data["train_state"]:
-        raise ValueError(f"{path} is not a shortcut-models checkpoint (expected a dict with "
-                         "['train_state']['params'])")
-    return data["train_state"]
-
-
-def convert_official(pickle_path: str, config, workdir: str, input_size: int, allow_pickle: bool = False):
-    """Write a shortcut-models pickle as step N of ``workdir``, checked against ``config.model``.
-
-    ``input_size``: the DiT's spatial input size (32 for 256 px images in SD latents). As the public
-    train.py does when it loads a checkpoint, the optimizer state starts afresh. Returns the step.
-    """
-    import jax.numpy as jnp
-    from ldu_jax.models.dit import dit_from_config
-    from ldu_jax.shortcut import trainer
-
-    ts = load_official_pickle(pickle_path, allow_pickle)
-    params = jax.tree_util.tree_map(jnp.asarray, ts["params"])
-    params_ema = jax.tree_util.tree_map(jnp.asarray, ts.get("params_ema") or ts["params"])
-    try:
-        final = np.shape(params["FinalLayer_0"]["Dense_1"]["kernel"])[1]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{pickle_path}: no FinalLayer_0/Dense_1 in its params; not a shortcut DiT") from e
-    out_channels = int(final) // config.model.patch_size ** 2
-    model = dit_from_config(config.model, out_channels)
-    tx, _ = trainer.make_optimizer(config.optim, config.max_steps)
-    data_shape = (input_size, input_size, out_channels)
-    ref = jax.eval_shape(lambda: trainer.init_state(model, tx, jax.random.PRNGKey(0), (1,) + data_shape))
-    meta = make_meta(config, ref.params, data_shape)
-    check_compatible({"param_shapes": param_shapes(params), "model": "(the pickle's)"}, meta, pickle_path)
-    step = int(np.asarray(ts.get("step", 0)))
-    state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=params, params_ema=params_ema,
-                               opt_state=tx.init(params))
-    manager = make_manager(workdir)
-    save(manager, step, state, meta)
-    manager.wait_until_finished()
-    return step
-
-
-def _main(argv):
-    from absl import flags
-    f = flags.FLAGS
-    step = convert_official(f.pickle, f.config, f.workdir, f.input_size, f.allow_pickle)
-    print(f"wrote step {step} to {os.path.join(f.workdir, 'checkpoints')}")
-
-
 if __name__ == "__main__":
-    from absl import flags
-    from ldu_jax import cli
-    flags.DEFINE_string("pickle", None, "shortcut-models checkpoint (pickle)", required=True)
-    flags.DEFINE_string("workdir", None, "output work dir", required=True)
-    flags.DEFINE_bool("allow_pickle", False, "allow unpickling the file (it can run code)")
-    flags.DEFINE_integer("input_size", 32, "the DiT's input size (32 for 256 px images in SD latents)")
-    cli.define_config("config", None, "model config (configs/shortcut_*.py)")
-    cli.run(_main)
+    import sys
+    sys.exit("error: the converter of public shortcut-models checkpoints moved: run "
+             "python -m ldu_jax.shortcut.official with the same flags")
