@@ -1,29 +1,5 @@
-"""Train a shortcut model from scratch, on one CPU, a GPU, or every host of a TPU pod.
-
-    python train.py --config=configs/shortcut_tiny.py --workdir=runs/tiny
-    python train.py --config=configs/shortcut_celebahq256.py --workdir=runs/celeba \
-        --config.dataset=/data/celebahq256 [--config.<key>=<value> ...]
-
-Rerunning with the same --workdir resumes from its newest checkpoint. The work dir gets
-``metrics.jsonl``, ``checkpoints/`` and ``samples/step_<n>_k<steps>.png``.
-"""
-from absl import flags
-
-from ldu_jax import cli
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "work dir: checkpoints, metrics.jsonl, samples", required=True)
-cli.define_config("config", "configs/shortcut_tiny.py", "a configs/*.py file")
-
-
-def main(argv):
-    del argv
-    from ldu_jax.shortcut.run import train, TrainingDiverged
-    try:
-        train(FLAGS.config, FLAGS.workdir)
-    except TrainingDiverged as e:
-        raise SystemExit(f"error: {e}")
-
+"""``python train.py``: the command in ``ldu_jax/cli/train.py`` (``--help`` lists its flags)."""
+from ldu_jax.cli.train import __doc__, main  # noqa: F401 - absl's --help prints __main__'s docstring
 
 if __name__ == "__main__":
-    cli.run(main)
+    main()

@@ -40,8 +40,8 @@ def child(args):
               "/jax/core/compile/backend_compile_duration")
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: compile_s.__setitem__(0, compile_s[0] + secs) if name in events else None)
-    from ldu_jax import evaluate
-    cfg = evaluate.load_config_file(args.config)
+    from ldu_jax import config_file, evaluate
+    cfg = config_file.load(args.config)
     cfg.data = f"demo:{args.subjects}" if str(cfg.data).startswith("demo") else f"miniworld:{args.subjects}"
     for key in ("methods", "settings", "attacks"):
         if getattr(args, key):

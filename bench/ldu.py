@@ -24,7 +24,9 @@ import numpy as np  # noqa: E402
 from configs import ldu_tiny  # noqa: E402
 from ldu_jax.models.perturber import Perturber  # noqa: E402
 from ldu_jax.protect import ldu  # noqa: E402
-from ldu_jax.protect import run as prun  # noqa: E402
+from ldu_jax import sources  # noqa: E402
+from ldu_jax.jobs import protect as prun  # noqa: E402
+from ldu_jax.sd import models as sdm  # noqa: E402
 
 
 def build(model: str, config):
@@ -34,8 +36,8 @@ def build(model: str, config):
         sd, p = sd_shaped(jnp.float32)
         sd, p, ti_ids, db_ids = ldu.placeholder_setup(sd, p, config)
         res = 256
-        shape = prun.latent_shape(sd, res)
-        dit, dit_params, null = prun.load_shortcut("random", shape)
+        shape = sdm.latent_shape(sd, res)
+        dit, dit_params, null = sources.shortcut("random", shape)
         models = dataclasses.replace(models, sd=sd, dit=dit.clone(remat=config.remat),
                                      rho=Perturber(widths=(64, 128, 256, 512)))
         params = {**p, "dit": dit_params}

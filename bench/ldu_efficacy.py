@@ -37,7 +37,7 @@ from ldu_jax.miniworld import MODELS, world  # noqa: E402
 from ldu_jax.protect import baselines as bl  # noqa: E402
 from ldu_jax.protect import io as pio  # noqa: E402
 from ldu_jax.protect import ldu  # noqa: E402
-from ldu_jax.protect import run as prun  # noqa: E402
+from ldu_jax.jobs import protect as prun  # noqa: E402
 
 
 def portraits(n: int, which: str, seed: int):
@@ -57,7 +57,7 @@ def baseline(method, sd_path, linf, steps):
     c = (protect_advdm_tiny if method == "advdm" else protect_photoguard_tiny).get_config()
     c.sd, c.eps, c.step_size, c.steps = sd_path, linf / 255, 0.5 / 255, steps
     c.random_start, c.step_decay = False, "none"
-    sd, params, _ = bl.load(method, c, log=lambda s: None)
+    sd, params, _ = prun.load_baseline(method, c, log=lambda s: None)
     return lambda x: timed_jit(lambda p, x: bl.protect(method, sd, p, x, jax.random.PRNGKey(0), c)[0], params, x)
 
 

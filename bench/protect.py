@@ -45,9 +45,9 @@ def baseline_config(method, args, model):
 
 
 def load_model(model):
-    from ldu_jax.sd import models as sdm
+    from ldu_jax import sources
     if model == "tiny":
-        sd, params = sdm.load_sd("tiny")
+        sd, params = sources.sd("tiny")
         return sd, params, sd.resolution
     from sd_steps import sd_shaped
     sd, params = sd_shaped(jnp.float32)

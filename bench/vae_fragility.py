@@ -27,7 +27,9 @@ import numpy as np  # noqa: E402
 from configs import miniworld_vae  # noqa: E402
 from ldu_jax import checkpoint as ckpt  # noqa: E402
 from ldu_jax import files  # noqa: E402
-from ldu_jax.miniworld import build, calibrate, train_vae, world  # noqa: E402
+from ldu_jax.evaluate import calibrate  # noqa: E402
+from ldu_jax.jobs import build_world as build  # noqa: E402
+from ldu_jax.miniworld import train_vae, world  # noqa: E402
 from ldu_jax.sd import vae as vae_lib  # noqa: E402
 
 # name -> config overrides on configs/miniworld_vae.py:v2, and the portraits it trains on

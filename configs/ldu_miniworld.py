@@ -1,5 +1,5 @@
 """LDU on the mini-world's models: the shipped VAE / UNet / text encoder bundle, shortcut DiT and
-trained ρ (ldu_jax/miniworld/models, made by ``python -m ldu_jax.miniworld.build --install``).
+trained ρ (ldu_jax/miniworld/models, made by ``python -m ldu_jax.cli.build_world --install``).
 The default config of ``python perturb.py``.
 
     get_config()          the shipped models; ρ training on world portraits ('miniworld' dataset)

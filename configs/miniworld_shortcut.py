@@ -1,5 +1,5 @@
 """The mini-world's shortcut DiT, trained by train.py on the latents of the mini-world VAE
-(ldu_jax.miniworld.build sets ``dataset`` and ``vae`` to the world's training images and VAE).
+(ldu_jax.jobs.build_world sets ``dataset`` and ``vae`` to the world's training images and VAE).
 
     get_config()          the real run
     get_config('test')    tiny widths and a handful of steps

@@ -20,7 +20,7 @@ def get_config():
     c.sample_steps = (1, 4, 128)
     c.num_samples = 8
     # FID of EMA samples at each of sample_steps every fid_every steps (0: off), as shortcut-models
-    # reports it: reference statistics from `python -m ldu_jax.metrics.fid stats` and the weights.
+    # reports it: reference statistics from `python -m ldu_jax.cli.fid stats` and the weights.
     c.fid_every = 0
     c.fid_stats = ""            # reference .npz (mu, sigma)
     c.fid_weights = ""          # pytorch-fid Inception weights (.pth) or a converted .safetensors

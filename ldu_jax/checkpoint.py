@@ -4,7 +4,7 @@ A work dir holds ``checkpoints/<step>/{state, meta}``: ``state`` the train state
 JSON with the model config and every parameter's shape, so a work dir made for another model is
 reported as such instead of failing deep inside orbax.
 
-(The converter of public shortcut-models checkpoints is ``ldu_jax.shortcut.official``.)
+(The converter of public shortcut-models checkpoints is ``ldu_jax.jobs.import_shortcut``.)
 """
 from __future__ import annotations
 
@@ -119,4 +119,4 @@ def export(workdir: str, out_dir: str, keys, step: int | None = None) -> int:
 if __name__ == "__main__":
     import sys
     sys.exit("error: the converter of public shortcut-models checkpoints moved: run "
-             "python -m ldu_jax.shortcut.official with the same flags")
+             "python -m ldu_jax.cli.import_shortcut with the same flags")

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldu_jax import files
+from ldu_jax.errors import FileFormatError
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
@@ -20,7 +21,7 @@ _ALPHA_MODES = ('RGBA', 'LA', 'PA', 'La', 'RGBa')
 _WHITE = (255, 255, 255)
 
 
-class DataError(ValueError):
+class DataError(FileFormatError):
     """A dataset folder or image file cannot be used."""
 
 

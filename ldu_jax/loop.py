@@ -11,10 +11,11 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from ldu_jax import checkpoint as ckpt
+from ldu_jax.errors import UserError
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss went NaN / inf: the message names the step; a lower learning rate is the usual fix."""
 
 
 def append_jsonl(path, record: dict):

@@ -16,7 +16,9 @@ images of the same sizes:
                               up-scaled to twice the model resolution, overlaps averaged, repeated
 
 A setting is written ``name:key=value,...`` (``parse``) so configs and result tables name it in one
-string. ``python -m ldu_jax.purify --setting=jpeg:quality=75 --input=DIR --output=DIR``.
+string; a bad one is a ``ConfigError``. The command is ``ldu_jax/cli/purify.py``
+(``python -m ldu_jax.cli.purify --setting=jpeg:quality=75 --input=DIR --output=DIR``); the
+diffusion models come from ``ldu_jax.sources.diffusion_models``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ from PIL import Image
 from scipy import ndimage
 
 from ldu_jax import data as data_lib
+from ldu_jax.errors import ConfigError, FileFormatError, MissingError
+from ldu_jax.personalize import common
+from ldu_jax.sd import models as sdm
+from ldu_jax.sd import schedule as sch
+from ldu_jax.sd import vae as vae_lib
+from ldu_jax.shortcut import sampling, targets, trainer
 
 DEFAULTS = {
     "none": {},
@@ -45,6 +53,7 @@ DEFAULTS = {
     "gridpure": {"strength": 0.1, "steps": 10, "iterations": 1, "model": "sd", "seed": 0},
 }
 NEEDS_MODELS = ("diffpure", "gridpure")
+DIFFPURE_MODELS = ("sd", "shortcut")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,22 +77,22 @@ def _value(text: str, default):
             v = float(text)
             return int(v) if isinstance(default, int) and v.is_integer() else v
         except ValueError:
-            raise ValueError(f"purification setting: {text!r} is not a number") from None
+            raise ConfigError(f"purification setting: {text!r} is not a number") from None
     return text
 
 
 def parse(spec: str) -> Setting:
-    """``"jpeg:quality=75"`` -> Setting; unknown names or keys are errors that name them."""
+    """``"jpeg:quality=75"`` -> Setting; unknown names or keys are ``ConfigError``s that name them."""
     name, _, rest = str(spec).strip().partition(":")
     if name not in DEFAULTS:
-        raise ValueError(f"unknown purification {name!r}; one of {', '.join(DEFAULTS)}")
+        raise ConfigError(f"unknown purification {name!r}; one of {', '.join(DEFAULTS)}")
     params = dict(DEFAULTS[name])
     for item in filter(None, rest.split(",")):
         key, eq, val = item.partition("=")
         key = key.strip()
         if not eq or key not in params:
-            raise ValueError(f"purification {name!r}: unknown or malformed option {item!r} "
-                             f"(options: {', '.join(params) or 'none'})")
+            raise ConfigError(f"purification {name!r}: unknown or malformed option {item!r} "
+                              f"(options: {', '.join(params) or 'none'})")
         params[key] = _value(val.strip(), params[key])
     return Setting(name, tuple(sorted(params.items())))
 
@@ -93,7 +102,7 @@ def parse(spec: str) -> Setting:
 def jpeg(images, quality: int = 75):
     """JPEG round trip at ``quality`` (1-95) with the real encoder."""
     if not 1 <= int(quality) <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+        raise ConfigError(f"JPEG quality must be in 1..100, got {quality}")
     out = []
     for img in images:
         buf = io.BytesIO()
@@ -123,7 +132,7 @@ def _resize_u8(img, size_wh, resample=Image.BICUBIC):
 def resize(images, factor: float = 0.5):
     """Down-scale by ``factor`` and back up to the original size (bicubic)."""
     if not 0 < factor <= 1:
-        raise ValueError(f"resize factor must be in (0, 1], got {factor}")
+        raise ConfigError(f"resize factor must be in (0, 1], got {factor}")
     out = []
     for img in images:
         h, w = np.shape(img)[:2]
@@ -147,24 +156,9 @@ class DiffusionModels:
     __hash__ = object.__hash__
 
 
-def load_models(sd_source: str = "tiny", shortcut: str | None = None, seed: int = 0) -> DiffusionModels:
-    """SD from 'tiny', a folder or hub id; the shortcut DiT from a train.py work dir or 'random'."""
-    from ldu_jax.sd import models as sdm
-    sd, params = sdm.load_sd(sd_source)
-    if not shortcut:
-        return DiffusionModels(sd, params)
-    from ldu_jax.protect.run import latent_shape, load_shortcut
-    dit, dit_params, null = load_shortcut(shortcut, latent_shape(sd, sd.resolution), seed)
-    return DiffusionModels(sd, {**params, "dit": dit_params}, dit, null)
-
-
 @functools.partial(jax.jit, static_argnames=("models", "model", "steps"))
 def _diffpure_batch(models, params, x, key, strength, *, model: str, steps: int):
     """[B,R,R,3] in [-1, 1] -> purified, one compiled program per (model, steps, shape)."""
-    from ldu_jax.personalize import common
-    from ldu_jax.sd import models as sdm
-    from ldu_jax.sd import schedule as sch
-    from ldu_jax.sd import vae as vae_lib
     vae = vae_lib.VAE(models.sd.vae, None)
     z = vae_lib.encode(vae, params["vae"], x)
     eps = jax.random.normal(key, z.shape, z.dtype)
@@ -182,8 +176,6 @@ def _diffpure_batch(models, params, x, key, strength, *, model: str, steps: int)
 
 @functools.partial(jax.jit, static_argnames=("models", "start"))
 def _shortcut_batch(models, params, x, key, *, start: int):
-    from ldu_jax.sd import vae as vae_lib
-    from ldu_jax.shortcut import sampling, targets, trainer
     vae = vae_lib.VAE(models.sd.vae, None)
     z = vae_lib.encode(vae, params["vae"], x)
     k = models.shortcut_steps
@@ -200,12 +192,15 @@ def diffpure_model_res(models: DiffusionModels, x, strength: float, steps: int =
     """DiffPure on images already at the model resolution, [N,R,R,3] float in [-1, 1]."""
     x = np.asarray(x, np.float32)
     if not 0 <= strength <= 1:
-        raise ValueError(f"DiffPure strength must be in [0, 1], got {strength}")
+        raise ConfigError(f"DiffPure strength must be in [0, 1], got {strength}")
+    if model not in DIFFPURE_MODELS:
+        raise ConfigError(f"unknown DiffPure model {model!r}; one of {', '.join(DIFFPURE_MODELS)}")
     if strength == 0:
         return x.copy()
     if model == "shortcut":
         if models.dit is None:
-            raise ValueError("diffpure model=shortcut needs a shortcut model (evaluate's `shortcut` config key)")
+            raise ConfigError("diffpure model=shortcut needs a shortcut model (evaluate's `shortcut` config key, "
+                              "purify's --shortcut)")
         start = round((1 - strength) * models.shortcut_steps)
         if start >= models.shortcut_steps:
             return x.copy()
@@ -263,7 +258,7 @@ def gridpure(images, models: DiffusionModels, strength: float = 0.1, steps: int 
 # ---------------------------------------------------------------------------- dispatch
 
 def make(setting: Setting | str, models: DiffusionModels | None = None) -> Callable[[list], list]:
-    """``images -> images`` for a setting; DiffPure settings need ``models`` (see ``load_models``)."""
+    """``images -> images`` for a setting; DiffPure settings need ``models`` (``sources.diffusion_models``)."""
     s = parse(setting) if isinstance(setting, str) else setting
     kw = s.kw()
     if s.name == "none":
@@ -277,15 +272,27 @@ def make(setting: Setting | str, models: DiffusionModels | None = None) -> Calla
     return lambda images: fn(images, **kw)
 
 
+def check_folders(input_dir: str, output_dir: str) -> None:
+    """A ``MissingError`` when ``input_dir`` is not a folder, a ``ConfigError`` when ``output_dir`` is
+    the same folder (cheap: callers run it before loading models)."""
+    if os.path.abspath(input_dir) == os.path.abspath(output_dir):
+        raise ConfigError(f"output folder {output_dir} must differ from the input folder")
+    if not os.path.isdir(input_dir):
+        raise MissingError(f"input folder {input_dir} does not exist")
+
+
 def purify_folder(setting, input_dir: str, output_dir: str, models: DiffusionModels | None = None,
                   log=print) -> list[str]:
     """Purify every image of ``input_dir`` into ``output_dir/<stem>.png`` (atomic writes; inputs only
-    read); returns the written file names. Unreadable files are reported by name and skipped."""
-    if os.path.abspath(input_dir) == os.path.abspath(output_dir):
-        raise ValueError(f"output folder {output_dir} must differ from the input folder")
-    names, images = data_lib.read_rgb_folder(input_dir, log)
+    read); returns the written file names. Unreadable files are reported by name and skipped.
+    Bad folders raise as ``check_folders`` says; one without a readable image is a ``FileFormatError``."""
+    check_folders(input_dir, output_dir)
+    try:
+        names, images = data_lib.read_rgb_folder(input_dir, log)
+    except data_lib.DataError as e:   # no image files
+        raise FileFormatError(str(e)) from None
     if not images:
-        raise data_lib.DataError(f"{input_dir}: no readable images (jpg/png/webp)")
+        raise FileFormatError(f"{input_dir}: no readable images (jpg/png/webp)")
     out = make(setting, models)(images)
     written = []
     for name, img in zip(names, out):
@@ -293,24 +300,3 @@ def purify_folder(setting, input_dir: str, output_dir: str, models: DiffusionMod
         written.append(f"{name}.png")
     return written
 
-
-def _main(argv):
-    from absl import flags
-    f = flags.FLAGS
-    try:
-        s = parse(f.setting)
-        models = load_models(f.sd, f.shortcut or None) if s.name in NEEDS_MODELS else None
-        names = purify_folder(s, f.input, f.output, models)
-    except (ValueError, data_lib.DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"{s}: wrote {len(names)} images to {f.output}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    flags.DEFINE_string("setting", None, "e.g. jpeg:quality=75, blur:sigma=1, diffpure:strength=0.1", required=True)
-    flags.DEFINE_string("input", None, "folder of images (never modified)", required=True)
-    flags.DEFINE_string("output", None, "output folder", required=True)
-    flags.DEFINE_string("sd", "tiny", "diffpure/gridpure: Stable Diffusion ('tiny', a folder or hub id)")
-    flags.DEFINE_string("shortcut", "", "diffpure model=shortcut: a train.py work dir on the SD VAE's latents")
-    app.run(_main)

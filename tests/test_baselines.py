@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldu_jax import parallel
+from ldu_jax import parallel, sources
 from ldu_jax.protect import baselines as bl
 from ldu_jax.protect import io as pio
-from ldu_jax.protect import run as prun
+from ldu_jax.jobs import protect as prun
 from ldu_jax.sd import models as sdm
 from numerics import assert_f32_close
 
@@ -41,7 +41,7 @@ def compiled(fn, *args, fast_compile=True):
 
 @pytest.fixture(scope="module")
 def tiny():
-    sd, params = sdm.load_sd("tiny")
+    sd, params = sources.sd("tiny")
     rng = np.random.default_rng(0)
     u8 = rng.integers(10, 245, (2, sd.resolution, sd.resolution, 3))
     x = jnp.asarray((u8 / 127.5 - 1).astype(np.float32))   # on the uint8 grid, like decoded files
@@ -175,7 +175,7 @@ def test_protect_dir_writes_files_within_linf(tmp_path):
     (src / "bad.png").write_bytes(b"not an image")
     before = {q: hashlib.sha256(q.read_bytes()).hexdigest() for q in src.iterdir()}
     c = tiny_cfg("photoguard")
-    from perturb import apply
+    from ldu_jax.jobs.protect import protect_dir as apply
     rows = apply("photoguard", c, None, str(src), str(tmp_path / "out"), log=lambda s: None)
     assert before == {q: hashlib.sha256(q.read_bytes()).hexdigest() for q in src.iterdir()}
     assert len(rows) == 4
@@ -197,7 +197,7 @@ def test_a_folder_protection_does_not_depend_on_earlier_folders():
     # the evaluation reuses one protector for every subject: batch i of a folder draws from i only
     c = tiny_cfg("advdm")
     c.steps = 2
-    protect_batch, res = bl.make_protector("advdm", c, log=lambda s: None)
+    protect_batch, res = prun.baseline_protector("advdm", c, log=lambda s: None)
     x = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (c.apply_batch, res, res, 3), minval=-1, maxval=1))
     first = protect_batch(x, 0)
     protect_batch(x[::-1], 0)

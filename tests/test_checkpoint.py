@@ -1,4 +1,4 @@
-"""Import of public shortcut-models checkpoints (``python -m ldu_jax.shortcut.official``)."""
+"""Import of public shortcut-models checkpoints (``python -m ldu_jax.cli.import_shortcut``)."""
 import json
 import os
 import pickle
@@ -16,7 +16,7 @@ from configs import shortcut_tiny
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import errors
 from ldu_jax.models.dit import dit_from_config
-from ldu_jax.shortcut import official
+from ldu_jax.jobs import import_shortcut as official
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16   # configs/shortcut_tiny.py: 16 px images, no VAE: the DiT sees 16x16x3 pixels
@@ -53,7 +53,7 @@ def official_ckpt(tmp_path_factory):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ldu_jax.shortcut.official", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ldu_jax.cli.import_shortcut", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -192,7 +192,10 @@ def test_cli_checks_the_input_size(official_ckpt, tmp_path):
     # a VAE folder: its config.json gives the factor (here 4: 64 px -> 16x16 latents)
     vae_dir = tmp_path / "vae"
     os.makedirs(vae_dir)
-    (vae_dir / "config.json").write_text(json.dumps({"block_out_channels": [8, 8, 8], "latent_channels": 3}))
+    from ldu_jax.sd.vae import TINY_VAE
+    (vae_dir / "config.json").write_text(json.dumps(dict(
+        TINY_VAE, block_out_channels=[8, 8, 8], latent_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3)))
     c.vae, c.image_size = str(vae_dir), 64
     with pytest.raises(errors.ConfigError, match=r"expected 16 \(latents of config.image_size=64.*factor 4"):
         official.convert(save_dir, c, str(tmp_path / "run"), input_size=32, allow_pickle=True)

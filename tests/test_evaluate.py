@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from ldu_jax import evaluate
+from ldu_jax import config_file, evaluate, sources
+from ldu_jax.evaluate import report, subjects
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def tiny_eval(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     weights = str(tmp / "inception.safetensors")
     fid.save_weights(weights, fid.init_random(0))
-    root = evaluate.make_demo_subjects(str(tmp / "subjects"), 1)
+    root = sources.make_demo_subjects(str(tmp / "subjects"), 1)
     os.makedirs(os.path.join(root, "no_set_b", "set_A"))  # bad input: a subject without set_B
     c = eval_tiny.get_config()
     c.data = root
@@ -55,7 +56,7 @@ def test_tiny_evaluation_runs_end_to_end(tiny_eval):
 
 
 def c_prompts(c):
-    return evaluate.load_config_file(c.attack_configs["ti"]).validation_prompts
+    return config_file.load(c.attack_configs["ti"]).validation_prompts
 
 
 def test_rerun_is_served_from_cache(tiny_eval):
@@ -88,7 +89,7 @@ def test_results_table_is_mean_and_std_over_subjects():
              "ism": v, "psnr": 36.0} for s, v in (("a", 0.2), ("b", 0.4))]
     rows.append({"subject": "c", "method": "ldu", "setting": "none", "attack": "ti", "status": "failed",
                  "reason": "RuntimeError: boom"})
-    md = evaluate.results_markdown(rows)
+    md = report.results_markdown(rows)
     assert "| ldu | none | ti | 2 | 36.000 ± 0.000 | 0.300 ± 0.100 |" in md
     assert "c / ldu / none / ti: failed — RuntimeError: boom" in md
 
@@ -100,21 +101,21 @@ def test_ism_drop_is_clean_minus_cell_per_subject_and_attack():
             row("a", "ldu", "none", "ti", 0.3), row("b", "ldu", "none", "ti", 0.6),
             row("a", "ldu", "jpeg:quality=75", "ti", 0.45), row("a", "ldu", "none", "dreambooth", 0.2),
             {**row("b", "ldu", "jpeg:quality=75", "ti", None), "status": "failed", "reason": "boom"}]
-    out = evaluate.with_ism_drop(rows)
+    out = report.with_ism_drop(rows)
     drops = [r.get("ism_drop") for r in out]
     assert drops[:5] == pytest.approx([0.0, 0.0, 0.2, 0.1, 0.05]) and drops[5:] == [None, None]
     assert "ism_drop" not in rows[2]   # the input rows are not modified
-    md = evaluate.results_markdown(out)
+    md = report.results_markdown(out)
     assert "ISM drop↑" in md and "| ldu | none | ti | 2 | 0.450 ± 0.150 | 0.150 ± 0.050 |" in md
 
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="no config key 'max_stepz'"):
-        evaluate.load_config_file("configs/attack_ti_tiny.py", {"max_stepz": 1})
+        config_file.load("configs/attack_ti_tiny.py", {"max_stepz": 1})
     with pytest.raises(FileNotFoundError, match="nowhere.py"):
-        evaluate.load_config_file(str(tmp_path / "nowhere.py"))
+        config_file.load(str(tmp_path / "nowhere.py"))
     with pytest.raises(FileNotFoundError, match="no subject folders"):
-        evaluate.find_subjects(str(tmp_path))
+        subjects.find_subjects(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["eval_tiny", "eval_celebahq_sd21", "eval_vggface2_sd21", "eval_miniworld"])
@@ -124,10 +125,10 @@ def test_eval_configs_reference_loadable_configs(name):
     assert set(c.methods) - {"none"} <= set(c.method_configs) and set(c.attacks) <= set(c.attack_configs)
     for m in c.method_configs:
         if m != "none":
-            cfg = evaluate.load_config_file(c.method_configs[m], c.method_overrides.get(m, {}))
+            cfg = config_file.load(c.method_configs[m], c.method_overrides.get(m, {}))
             assert "eps" in cfg and "sd" in cfg
     for a in c.attacks:
-        assert "model" in evaluate.load_config_file(c.attack_configs[a], c.attack_overrides.get(a, {}))
+        assert "model" in config_file.load(c.attack_configs[a], c.attack_overrides.get(a, {}))
     from ldu_jax import purify
     [purify.parse(s) for s in c.settings]
 
@@ -136,7 +137,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ldu_jax.evaluate", "--config=configs/eval_tiny.py",  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ldu_jax.cli.evaluate", "--config=configs/eval_tiny.py",  # noqa: E731
                                      f"--workdir={tmp_path}/w", *a], cwd=root, capture_output=True, text=True)
     r = run("--config.methodz=none")
     assert r.returncode != 0 and "methodz" in r.stderr and "Traceback" not in r.stderr
@@ -184,13 +185,13 @@ def test_subjects_attacked_together_match_one_at_a_time(tmp_path, monkeypatch):
     from PIL import Image
 
     from configs import eval_tiny
-    from ldu_jax import attack
+    from ldu_jax.jobs import attack
     batched = []
     real = attack.Attacker.train_many
     monkeypatch.setattr(attack.Attacker, "train_many", lambda self, kind, cfg, dirs, *a, **k:
                         batched.append(len(dirs)) or real(self, kind, cfg, dirs, *a, **k))
     c = eval_tiny.get_config()
-    c.data = evaluate.make_demo_subjects(str(tmp_path / "subjects"), 2)
+    c.data = sources.make_demo_subjects(str(tmp_path / "subjects"), 2)
     c.methods, c.settings, c.attacks = ("none",), ("none",), ("ti",)
     c.attack_overrides = {"ti": {"max_steps": 3, "save_every": 3}}
     c.num_samples = 2

@@ -6,14 +6,31 @@ The PyTorch reference is written here with torch.nn only, after pytorch-fid's FI
 torchvision on PyPI imports beside the CPU torch 2.13.0 that the suite pins.
 """
 
+import os
+import subprocess
+import sys
+
+import jax
 import numpy as np
 import pytest
 
+from ldu_jax import errors
 from ldu_jax.metrics import fid as fidm
 from numerics import assert_f32_close
 
 torch = pytest.importorskip('torch')
 tnn, F = torch.nn, torch.nn.functional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_fid(*args, prelude=''):
+    """``python -m ldu_jax.cli.fid ARGS`` in a fresh process (absl flags are process-global), sharing
+    the suite's compilation cache; ``prelude``: Python run first (e.g. to replace a function)."""
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'LDU_JAX_COMPILE_CACHE': jax.config.jax_compilation_cache_dir or ''}
+    code = prelude + '\nimport sys\nfrom ldu_jax.cli import fid\nsys.argv[0] = "fid"\nfid.main()'
+    return subprocess.run([sys.executable, '-c', code, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -212,7 +229,8 @@ def test_resize_matches_torch_interpolate():
 
 def test_weights_convert_round_trip_and_errors(ref, tmp_path):
     out = tmp_path / 'inception_fid.safetensors'
-    assert fidm.main(['convert', '--weights', str(ref['path']), '--out', str(out)]) == 0
+    r = run_fid('convert', f'--weights={ref["path"]}', f'--out={out}')
+    assert r.returncode == 0 and f'wrote {out}' in r.stdout, r.stderr[-3000:]
     state = torch.load(ref['path'], weights_only=True)
     for p in (out, tmp_path / 'w.npz'):
         if p.suffix == '.npz':
@@ -233,6 +251,7 @@ def test_weights_convert_round_trip_and_errors(ref, tmp_path):
     assert 'Mixed_6c.branch7x7_2.bn.running_var' in str(e.value) and 'Mixed_6c.extra.weight' in str(e.value)
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         fidm.load_weights(tmp_path / 'nope.pth')
+    assert issubclass(fidm.WeightsError, errors.UserError) and issubclass(fidm.WeightsError, ValueError)
 
 
 def test_init_random_has_the_weight_file_layout():
@@ -311,15 +330,35 @@ def test_fid_helpers_and_stats_cli(tmp_path, monkeypatch, capsys, ref):
         Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), np.uint8)).save(folder / f'{i}.png')
     (folder / 'broken.jpg').write_bytes(b'not a jpeg')
     calls.clear()
-    out = tmp_path / 'ref.npz'
-    rc = fidm.main(['stats', '--weights', str(ref['path']), '--images', str(folder), '--out', str(out),
-                    '--batch-size', '2'])
-    assert rc == 1  # a bad file was skipped, and named
+    (mu, sigma), n, bad = fidm.folder_stats(ref['params'], folder, batch_size=2)
+    assert n == 3 and [p.name for p, _ in bad] == ['broken.jpg']   # a bad file was skipped, and named
     assert 'broken.jpg' in capsys.readouterr().out
     assert calls == [(2, 299, 299, 3), (1, 299, 299, 3)]
-    mu, sigma = fidm.load_stats(out)
     assert mu.shape == (4,) and sigma.shape == (4, 4)
-    capsys.readouterr()
-    assert fidm.main(['score', str(out), str(tmp_path / 'b.npz')]) == 0  # two .npz: no weights needed
-    score = float(capsys.readouterr().out.split('FID:')[1])
+
+    # the `stats` command (the same stand-in for the features): exit status 1 for the skipped file
+    out = tmp_path / 'ref.npz'
+    fake = ('import numpy as np\nfrom ldu_jax.metrics import fid as m\n'
+            'm.features = lambda p, x, b=50: np.asarray(x, np.float32).reshape(len(x), -1)[:, :4] * np.arange(1, 5)')
+    r = run_fid('stats', f'--weights={ref["path"]}', f'--images={folder}', f'--out={out}', '--batch_size=2',
+                prelude=fake)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert 'broken.jpg' in r.stdout and f'wrote {out} (3 images)' in r.stdout
+    mu2, sigma2 = fidm.load_stats(out)
+    np.testing.assert_allclose(mu2, mu, rtol=1e-6)
+    np.testing.assert_allclose(sigma2, sigma, rtol=1e-6, atol=1e-9)
+    r = run_fid('score', out, tmp_path / 'b.npz')   # two .npz: no weights needed
+    assert r.returncode == 0, r.stderr[-3000:]
+    score = float(r.stdout.split('FID:')[1])
     assert np.isclose(score, fidm.frechet_distance(mu, sigma, *fidm.load_stats(tmp_path / 'b.npz')), atol=1e-4)
+
+
+def test_fid_command_reports_user_errors_in_one_line(tmp_path, ref):
+    missing = tmp_path / 'none'
+    r = run_fid('stats', f'--weights={ref["path"]}', f'--images={missing}', f'--out={tmp_path / "s.npz"}')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == f'error: image folder {missing} does not exist'
+    r = run_fid('score', missing, tmp_path / 'b.npz')   # a folder needs --weights
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (f'error: {missing} is a folder: --weights is needed to '
+                                                 'compute its features')

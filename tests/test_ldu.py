@@ -13,7 +13,7 @@ from PIL import Image
 from configs import ldu_tiny
 from ldu_jax import parallel
 from ldu_jax.protect import ldu
-from ldu_jax.protect import run as prun
+from ldu_jax.jobs import protect as prun
 from ldu_jax.shortcut import sampling, trainer
 from numerics import assert_adam_close, assert_f32_close, f32_tol
 
@@ -193,7 +193,7 @@ def test_batchnorm_perturber_and_bf16(setup):
 
 def test_apply_meets_budget_and_keeps_inputs(trained, tmp_path):
     c, workdir, _ = trained
-    from perturb import apply
+    from ldu_jax.jobs.protect import protect_dir as apply
     src = tmp_path / "in"
     src.mkdir()
     rng = np.random.default_rng(0)

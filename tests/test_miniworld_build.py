@@ -2,14 +2,15 @@
 import json
 import os
 
-from ldu_jax.miniworld import build
+from ldu_jax.jobs import build_world as build
 
 
 def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path):
     from ldu_jax.miniworld import identity
     from ldu_jax.sd import models as sdm
     from ldu_jax.shortcut import sampling, trainer
-    from ldu_jax.protect.run import load_shortcut, latent_shape
+    from ldu_jax.sources import shortcut as load_shortcut
+    from ldu_jax.sd.models import latent_shape
     w = str(tmp_path / "mw")
     logs = []
     manifest = build.build(w, "test", log=logs.append)
@@ -32,7 +33,7 @@ def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path
     _, exp_params, _ = load_shortcut(os.path.join(exp, "shortcut"), latent_shape(sd, 64))
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), exp_params, dit_params))
     from ldu_jax import checkpoint as ckpt
-    from ldu_jax.protect.run import rho_checkpoint
+    from ldu_jax.jobs.protect import rho_checkpoint
     assert set(ckpt.restore_state(os.path.join(exp, "shortcut"))[0]) == {"params_ema"}
     rho, meta = rho_checkpoint(os.path.join(exp, "rho"))
     assert meta["kind"] == "ldu-rho" and "params" in rho
@@ -42,14 +43,14 @@ def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path
     assert sorted(os.listdir(dest)) == sorted(os.listdir(exp))
     # the evaluation's face metrics can use the world's identity model
     from configs import eval_tiny
-    from ldu_jax import evaluate
+    from ldu_jax.evaluate import measure
     cfg = eval_tiny.get_config()
     cfg.face_backend = f"miniworld:{manifest['identity']['path']}"
     images = json_free_images(w)
     try:  # a 4-step detector may see no face at all: then the metric is skipped, saying so
-        m = evaluate.Metrics(cfg, log=logs.append).face(list(images), list(images))
+        m = measure.Metrics(cfg, log=logs.append).face(list(images), list(images))
         assert set(m) == {"fdfr", "ism", "fd_identity"} and 0 <= m["fdfr"] <= 1
-    except evaluate.Skip as e:
+    except measure.Skip as e:
         assert "no face detected" in str(e)
     again = []
     build.build(w, "test", log=again.append)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from ldu_jax.miniworld import calibrate
+from ldu_jax.evaluate import calibrate
 
 
 def test_fine_rms_is_zero_on_flat_images_and_grows_with_texture():
@@ -93,7 +93,7 @@ def test_encoder_attack_stays_in_its_budget_and_reports_the_round_trip():
 
 
 def test_build_v2_profile_renders_128px_textured_portraits_for_a_factor_8_vae(tmp_path):
-    from ldu_jax.miniworld import build
+    from ldu_jax.jobs import build_world as build
     cfg = build.configs("v2")
     assert cfg["data"]["style"] == "v2" and cfg["data"]["size"] == 128
     assert cfg["vae"].model.sample_size == 128 and len(cfg["vae"].model.block_out_channels) == 4   # factor 8

@@ -39,8 +39,8 @@ def test_t2i_bundle_generates_world_faces():
 
 def test_default_perturb_apply_protects_world_portraits_within_budget(tmp_path):
     from configs import ldu_miniworld
-    from perturb import apply
-    from ldu_jax.protect.run import sample_folder
+    from ldu_jax.jobs.protect import protect_dir as apply
+    from ldu_jax.sources import sample_folder
     src = sample_folder(str(tmp_path), "miniworld")
     before = {f: open(os.path.join(src, f), "rb").read() for f in os.listdir(src)}
     rows = apply("ldu", ldu_miniworld.get_config(), None, src, str(tmp_path / "out"))  # ρ: the shipped one

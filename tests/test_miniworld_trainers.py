@@ -219,7 +219,7 @@ def test_t2i_default_recipe_uses_scene_captions_v_prediction_and_a_frozen_text_e
     old = miniworld_t2i.get_config("attributes")      # the first recipe, kept for the README's diagnosis
     assert not old.scene_captions and old.text_lr_scale == 1 and old.scheduler.prediction_type == "epsilon"
     from ldu_jax.miniworld import world
-    from ldu_jax.miniworld.build import configs
+    from ldu_jax.jobs.build_world import configs
     assert configs("full")["t2i"].scene_captions and configs("test")["t2i"].scene_captions
     longest = max(len(world.words(world.caption(i, v, scene=True)))
                   for i in world.train_identities(200) for v in range(3))

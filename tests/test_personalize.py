@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from configs import attack_db_tiny, attack_ti_tiny
-from ldu_jax import attack, parallel
+from ldu_jax import parallel, sources
+from ldu_jax.jobs import attack
 from ldu_jax.personalize import common, dreambooth, lora, textual_inversion as ti
 from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
@@ -17,7 +18,7 @@ from numerics import assert_adam_close
 
 @pytest.fixture(scope="module")
 def tiny():
-    return sdm.load_sd("tiny")
+    return sources.sd("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +138,8 @@ def test_attacker_loads_once_compiles_once_and_batches_subjects(faces, tmp_path,
         Image.open(os.path.join(faces, name)).transpose(Image.FLIP_TOP_BOTTOM).save(other / name)
     subjects = [faces, str(other)]
     loads = []
-    real_load = sdm.load_sd
-    monkeypatch.setattr(sdm, "load_sd", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = sources.sd
+    monkeypatch.setattr(sources, "sd", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     # batch 4: each subject's batch over 4 devices (as alone), the 2 subjects over 2 x 4 (on 8)
     cfgs = {"ti": ti_config(max_steps=6, save_every=6, log_every=3, batch_size=4),
             "dreambooth": db_config(max_steps=4, save_every=4, log_every=2, batch_size=4)}

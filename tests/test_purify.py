@@ -1,5 +1,8 @@
 """Purifications: each changes an image the way it should, DiffPure at strength 0 is identity."""
 import io
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldu_jax import purify
+from ldu_jax import errors, purify, sources
 from ldu_jax.sd import schedule as sch
 from numerics import assert_f32_close
 
@@ -34,7 +37,7 @@ def test_parse_names_settings_and_rejects_unknown_keys():
     s = purify.parse("jpeg:quality=50")
     assert s.name == "jpeg" and s.kw() == {"quality": 50} and str(s) == "jpeg:quality=50"
     assert purify.parse("diffpure").kw()["strength"] == 0.1
-    with pytest.raises(ValueError, match="qualty"):
+    with pytest.raises(errors.ConfigError, match="qualty"):
         purify.parse("jpeg:qualty=50")
     with pytest.raises(ValueError, match="unknown purification 'jpg'"):
         purify.parse("jpg")
@@ -73,7 +76,7 @@ def test_blur_noise_resize(photo):
 
 @pytest.fixture(scope="module")
 def models():
-    return purify.load_models("tiny", shortcut="random")
+    return sources.diffusion_models("tiny", "random")
 
 
 def test_ddim_from_strength_zero_is_identity_in_latent_space():
@@ -117,3 +120,29 @@ def test_purify_folder_writes_pngs_and_keeps_inputs(tmp_path, photo):
         assert im.size == (80, 96)
     with pytest.raises(ValueError, match="must differ"):
         purify.purify_folder("none", str(src), str(src))
+    with pytest.raises(errors.MissingError, match="does not exist"):
+        purify.purify_folder("none", str(tmp_path / "nope"), str(tmp_path / "out"))
+
+
+def _run_purify(*args):
+    """``python -m ldu_jax.cli.purify ARGS`` in a fresh process, sharing the suite's compilation cache."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "LDU_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or ""}
+    return subprocess.run([sys.executable, "-m", "ldu_jax.cli.purify", *map(str, args)], cwd=root, env=env,
+                          capture_output=True, text=True)
+
+
+def test_purify_command_writes_a_folder_and_reports_user_errors_in_one_line(tmp_path, photo):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(photo).save(src / "a.png")
+    r = _run_purify("--setting=jpeg:quality=30", f"--input={src}", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == f"jpeg:quality=30: wrote 1 images to {out}" and os.listdir(out) == ["a.png"]
+    for args, message in [((f"--input={tmp_path / 'nope'}", "--setting=blur"),
+                           f"input folder {tmp_path / 'nope'} does not exist"),
+                          ((f"--input={src}", "--setting=jpg:quality=30"),
+                           "unknown purification 'jpg'; one of none, jpeg, blur, noise, resize, diffpure, gridpure")]:
+        r = _run_purify(*args, f"--output={out}")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines()[-1] == f"error: {message}"

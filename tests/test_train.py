@@ -14,7 +14,8 @@ from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
 from ldu_jax import parallel
 from ldu_jax.models.dit import dit_from_config
-from ldu_jax.shortcut import run, trainer
+from ldu_jax.jobs import train_shortcut as run
+from ldu_jax.shortcut import trainer
 from numerics import assert_adam_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,8 +178,8 @@ def test_latent_space_training_with_a_vae_and_fid(tmp_path):
     fids = [r for r in logged if "fid_1" in r]
     assert [r["step"] for r in fids] == [4] and all(fids[0][f"fid_{k}"] > 0 for k in (1, 4))
     # against the statistics of its own 4-step samples (same seeds), the 4-step FID is ~0
-    from ldu_jax.sd import vae as vae_lib
-    vae = vae_lib.load_vae("tiny")
+    from ldu_jax import sources
+    vae = sources.vae("tiny")
     model = dit_from_config(config.model, 4)
     own = run.generate(config, model, vae, state.params_ema, (4, 4, 4), 4, 4, config.seed + 3)
     f_own = fid.features(inception, (np.clip(own, -1, 1) + 1) / 2, 4)

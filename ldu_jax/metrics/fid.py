@@ -4,11 +4,12 @@ The network is the one pytorch-fid ports (FIDInceptionA/C/E_1/E_2; BatchNorm eps
 inference mode: images in [0, 1] (or uint8) of any size are resized to 299x299 bilinearly
 (align_corners=False, no antialias), scaled to [-1, 1], and mapped to the 2048-d pool3 features.
 Weights come from pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (needs torch) or from a
-`.safetensors` / `.npz` file converted from it once (torch key names and layouts):
+`.safetensors` / `.npz` file converted from it once (torch key names and layouts); the command
+is ``ldu_jax/cli/fid.py``:
 
-    python -m ldu_jax.metrics.fid convert --weights pt_inception-2015-12-05-6726825d.pth --out inception_fid.safetensors
-    python -m ldu_jax.metrics.fid stats --weights inception_fid.safetensors --images DIR --out ref.npz
-    python -m ldu_jax.metrics.fid score --weights inception_fid.safetensors A B   # folders or .npz
+    python -m ldu_jax.cli.fid convert --weights=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.safetensors
+    python -m ldu_jax.cli.fid stats --weights=inception_fid.safetensors --images=DIR --out=ref.npz
+    python -m ldu_jax.cli.fid score --weights=inception_fid.safetensors A B   # folders or .npz
 
 `params` below is the whole Flax variable dict {'params': ..., 'batch_stats': ...}.
 Statistics files are pytorch-fid's: .npz with `mu` [2048] and `sigma` [2048, 2048].
@@ -16,26 +17,28 @@ Statistics files are pytorch-fid's: .npz with `mu` [2048] and `sigma` [2048, 204
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
+from ldu_jax import data as data_lib
 from ldu_jax import files
+from ldu_jax.errors import ConfigError, FileFormatError, MissingError
 
 SIZE = 299
 DIMS = 2048
 _HI = jax.lax.Precision.HIGHEST  # f32 accuracy on GPU (TF32) and TPU (bf16 passes) too
 
 
-class WeightsError(ValueError):
-    """A weight or statistics file cannot be used."""
+class WeightsError(FileFormatError):
+    """A weight or statistics file cannot be used (a ``ValueError`` and a ``UserError``)."""
 
 
 # ----------------------------------------------------------------------------- resizing
@@ -297,8 +300,8 @@ def _load_torch(path: pathlib.Path) -> dict:
     except ImportError:
         raise WeightsError(
             f'{path}: reading a PyTorch .pth file needs torch: `pip install torch`, or convert it once '
-            f'where torch is installed: python -m ldu_jax.metrics.fid convert --weights {path} '
-            f'--out inception_fid.safetensors') from None
+            f'where torch is installed: python -m ldu_jax.cli.fid convert --weights={path} '
+            f'--out=inception_fid.safetensors') from None
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; reported by name
@@ -312,7 +315,7 @@ def load_weights(path) -> dict:
     """Variables from pytorch-fid's .pth (needs torch) or a converted .safetensors / .npz."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'FID Inception weights {path} not found')
+        raise MissingError(f'FID Inception weights {path} not found')
     suffix = path.suffix.lower()
     if suffix in ('.pth', '.pt', '.bin'):
         state = _load_torch(path)
@@ -421,7 +424,7 @@ def load_stats(path) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from a pytorch-fid .npz; errors name the file and what is wrong."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'FID statistics {path} not found')
+        raise MissingError(f'FID statistics {path} not found')
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ('mu', 'sigma') if k not in z.files]
@@ -490,24 +493,24 @@ def fid_to_stats(params, images, stats_path, batch_size: int = 50) -> float:
     return frechet_distance(mu1, s1, mu2, s2)
 
 
-# ----------------------------------------------------------------------------- folders and CLI
+# ----------------------------------------------------------------------------- folders
 
 def _read_image(path) -> np.ndarray:
     """One file as pytorch-fid reads it (PIL, .convert('RGB'), original size) resized to 299, [0, 1]."""
-    from PIL import Image
     with Image.open(path) as img:
         a = np.asarray(img.convert('RGB'), np.float32) / 255.0
     return resize_bilinear_np(a)
 
 
 def folder_features(params, folder, batch_size: int = 50, log=print):
-    """(features [N, 2048], [(path, reason)] of unreadable files) of every image under `folder`."""
-    from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
-
-    from ldu_jax.data import list_images, report_bad
-
-    paths = list_images(folder)
+    """(features [N, 2048], [(path, reason)] of unreadable files) of every image under `folder`;
+    a missing folder, or one without image files, is a ``MissingError``."""
+    if not pathlib.Path(folder).is_dir():
+        raise MissingError(f'image folder {folder} does not exist')
+    try:
+        paths = data_lib.list_images(folder)
+    except data_lib.DataError as e:   # no image files
+        raise MissingError(str(e)) from None
     feats, bad, batch = [], [], []
 
     def flush():
@@ -523,8 +526,17 @@ def folder_features(params, folder, batch_size: int = 50, log=print):
         if len(batch) == batch_size:
             flush()
     flush()
-    report_bad(bad, len(paths), log)
+    data_lib.report_bad(bad, len(paths), log)
     return (np.concatenate(feats) if feats else np.zeros((0, DIMS), np.float32)), bad
+
+
+def folder_stats(params, folder, batch_size: int = 50, log=print):
+    """((mu, sigma), number of images used, [(path, reason)] of unreadable files) of a folder;
+    fewer than two readable images is a ``FileFormatError``."""
+    feats, bad = folder_features(params, folder, batch_size, log)
+    if len(feats) < 2:
+        raise FileFormatError(f'{folder}: {len(feats)} readable image(s); FID statistics need at least 2')
+    return gaussian_stats(feats), len(feats), bad
 
 
 @functools.lru_cache(maxsize=1)
@@ -532,51 +544,22 @@ def _load_weights_once(path: str) -> dict:
     return load_weights(path)
 
 
-def _stats_of(weights, source, batch_size):
-    """((mu, sigma), bad files) of an .npz statistics file or an image folder."""
+def stats_of(source, weights=None, batch_size: int = 50, log=print):
+    """((mu, sigma), [(path, reason)] of unreadable files) of an .npz statistics file or an image
+    folder (whose features need the Inception ``weights`` file, loaded once for several calls)."""
     if pathlib.Path(source).suffix.lower() == '.npz':
         return load_stats(source), []
-    if weights is None:
-        raise ValueError(f'{source} is a folder: --weights is needed to compute its features')
-    feats, bad = folder_features(_load_weights_once(weights), source, batch_size)
-    return gaussian_stats(feats), bad
+    if not weights:
+        raise ConfigError(f'{source} is a folder: --weights is needed to compute its features')
+    stats, _, bad = folder_stats(_load_weights_once(str(weights)), source, batch_size, log)
+    return stats, bad
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m ldu_jax.metrics.fid', description=__doc__.split('\n')[0])
-    sub = parser.add_subparsers(dest='cmd', required=True)
-    c = sub.add_parser('convert', help='pytorch-fid .pth -> .safetensors / .npz (needs torch)')
-    c.add_argument('--weights', required=True)
-    c.add_argument('--out', required=True)
-    s = sub.add_parser('stats', help='mu/sigma .npz of an image folder')
-    s.add_argument('--weights', required=True)
-    s.add_argument('--images', required=True)
-    s.add_argument('--out', required=True)
-    s.add_argument('--batch-size', type=int, default=50)
-    f = sub.add_parser('score', help='FID between two image folders or .npz statistics files')
-    f.add_argument('--weights', help='needed when A or B is a folder')
-    f.add_argument('a')
-    f.add_argument('b')
-    f.add_argument('--batch-size', type=int, default=50)
-    args = parser.parse_args(argv)
-    try:
-        if args.cmd == 'convert':
-            save_weights(args.out, load_weights(args.weights))
-            print(f'wrote {args.out}')
-            return 0
-        if args.cmd == 'stats':
-            feats, bad = folder_features(load_weights(args.weights), args.images, args.batch_size)
-            save_stats(args.out, *gaussian_stats(feats))
-            print(f'wrote {args.out} ({len(feats)} images)')
-            return 1 if bad else 0
-        (mu1, s1), bad1 = _stats_of(args.weights, args.a, args.batch_size)
-        (mu2, s2), bad2 = _stats_of(args.weights, args.b, args.batch_size)
-        print(f'FID: {frechet_distance(mu1, s1, mu2, s2):.4f}')
-        return 1 if bad1 or bad2 else 0
-    except (OSError, ValueError) as e:  # WeightsError, DataError and FileNotFoundError included
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+def fid_of_sources(a, b, weights=None, batch_size: int = 50, log=print):
+    """(FID, [(path, reason)] of unreadable files) between two sources, each an image folder or an
+    .npz statistics file (``stats_of``); statistics of different dimensions are a ``FileFormatError``."""
+    (mu1, s1), bad1 = stats_of(a, weights, batch_size, log)
+    (mu2, s2), bad2 = stats_of(b, weights, batch_size, log)
+    if mu1.shape != mu2.shape:
+        raise FileFormatError(f'{a} has {len(mu1)}-d statistics but {b} has {len(mu2)}-d ones')
+    return frechet_distance(mu1, s1, mu2, s2), bad1 + bad2

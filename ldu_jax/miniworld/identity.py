@@ -6,10 +6,10 @@ identities) and a face logit (binary cross-entropy, world portraits vs ``world.r
 images). Training data are rendered on the fly: batch k is a function of (config.seed, k), so a
 resumed run sees the batches an unbroken one would.
 
-    python -m ldu_jax.miniworld.identity --config=configs/miniworld_identity.py --workdir=runs/mw_id
-
-trains (or resumes) and then measures held-out identities (ISM of an identity's own photos vs other
-identities' photos, detector accuracy). ``load(workdir)`` gives an ``IdentityModel`` with batched
+``train(config, workdir)`` trains (or resumes; the mini-world build's ``identity`` stage:
+``python -m ldu_jax.cli.build_world --stages=data,identity``) and ``measure`` scores held-out
+identities (ISM of an identity's own photos vs other identities' photos, detector accuracy).
+``load(workdir)`` gives an ``IdentityModel`` with batched
 ``detect`` / ``embed`` / ``face_metrics`` (the semantics of ``ldu_jax.metrics.face``);
 ``IdentityModel.as_face_model()`` plugs it into ``ldu_jax.metrics.face.face_metrics(model=...)``.
 """
@@ -361,25 +361,3 @@ def measure(model: IdentityModel, n_identities: int = 24, n_refs: int = 4, n_tes
             "rank1": float(np.mean(sims.argmax(-1) == np.arange(n_identities)[:, None])),
             "det_acc_faces": float(faces_ok.mean()), "det_acc_nonfaces": float(np.mean(neg_p <= thr)),
             "det_acc": float((faces_ok.sum() + np.sum(neg_p <= thr)) / (len(faces_ok) + len(neg_p)))}
-
-
-def _main(argv):
-    import json
-    import time
-    from absl import flags
-    f = flags.FLAGS
-    t0 = time.time()
-    train(f.config, f.workdir)
-    t1 = time.time()
-    m = measure(load(f.workdir), n_identities=f.config.eval_heldout)
-    m.update(train_seconds=round(t1 - t0, 1), step=int(f.config.max_steps))
-    loop.append_jsonl(os.path.join(f.workdir, "metrics.jsonl"), {"eval": m})
-    print(json.dumps(m, indent=1))
-
-
-if __name__ == "__main__":
-    from absl import flags
-    from ldu_jax import cli
-    flags.DEFINE_string("workdir", None, "work dir: checkpoints, metrics.jsonl", required=True)
-    cli.define_config("config", "configs/miniworld_identity.py", "a configs/miniworld_identity.py-like file")
-    cli.run(_main)

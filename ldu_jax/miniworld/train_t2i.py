@@ -12,7 +12,7 @@ builds the tiny one, so every caption word is a single token.
 The result is a diffusers-layout folder ``<workdir>/sd/`` (vae, unet, text_encoder, tokenizer,
 scheduler; EMA weights) written with ``ldu_jax.sd.models.save_sd``: ``load_sd('<workdir>/sd')``
 reads it, ``ldu_jax.personalize.common.generate`` samples from it, and the attacks run on it
-(``python -m ldu_jax.attack ti --config.model=<workdir>/sd ...``).
+(``python -m ldu_jax.cli.attack ti --config.model=<workdir>/sd ...``).
 
     from ldu_jax.miniworld.train_t2i import train_t2i
     sd, params = train_t2i(config, workdir, batches, vae_dir)   # config: configs/miniworld_t2i.py
@@ -117,13 +117,12 @@ def text_config(text_cfg, tok) -> dict:
 def make_sd(config, vae: vae_lib.VAE, tok) -> sdm.SD:
     """The SD bundle (modules only) of ``config.model`` on a trained VAE."""
     resolution = int(config.resolution)
-    if resolution % vae.factor:
-        raise ValueError(f"config.resolution={resolution} is not divisible by the VAE factor {vae.factor}")
+    latent_size = vae.latent_shape(resolution, "config.resolution")[0]
     if int(config.model.unet.latent_channels) != vae.latent_channels:
         raise ValueError(f"config.model.unet.latent_channels={config.model.unet.latent_channels} but the VAE "
                          f"has {vae.latent_channels} latent channels")
     te = CLIPTextModel(CLIPTextConfig.from_dict(text_config(config.model.text, tok), "config.model.text"))
-    unet = UNet(UNetConfig.from_dict(unet_config(config.model.unet, resolution // vae.factor,
+    unet = UNet(UNetConfig.from_dict(unet_config(config.model.unet, latent_size,
                                                  config.model.text.hidden_size), "config.model.unet"))
     scheduler = {**sch.SD_SCHEDULER, **dict(config.get("scheduler", {}))}
     return sdm.SD(vae.module, unet, te, tok, scheduler, resolution)

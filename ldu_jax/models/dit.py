@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldu_jax import dtypes
+
 Dtype = Any
 
 
@@ -257,12 +259,10 @@ class DiT(nn.Module):
 
 def dit_from_config(model_cfg, out_channels: int) -> DiT:
     """Build a DiT from a ``config.model`` ConfigDict."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if model_cfg.dtype not in dtypes:
-        raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, got {model_cfg.dtype!r}")
     return DiT(
         patch_size=model_cfg.patch_size, hidden_size=model_cfg.hidden_size, depth=model_cfg.depth,
         num_heads=model_cfg.num_heads, mlp_ratio=model_cfg.mlp_ratio, out_channels=out_channels,
         num_classes=model_cfg.num_classes, class_dropout_prob=model_cfg.class_dropout_prob,
         ignore_dt=model_cfg.train_type == "naive", dropout=model_cfg.dropout,
-        dtype=dtypes[model_cfg.dtype], remat=model_cfg.remat, attention=model_cfg.attention)
+        dtype=dtypes.by_name(model_cfg.dtype, "config.model.dtype"), remat=model_cfg.remat,
+        attention=model_cfg.attention)

@@ -72,8 +72,7 @@ def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: fl
     diffusers' pipeline orders ``num_images_per_prompt``; its NCHW latents are
     ``.transpose(0, 2, 3, 1)`` of these); None draws it from ``seed``."""
     sched = sch.make_schedule(sd.scheduler)
-    f = sd.resolution // sd.vae.config.factor
-    shape = (f, f, int(sd.vae.config.latent_channels))
+    shape = sdm.latent_shape(sd, sd.resolution)
     if latents is not None:
         latents = np.asarray(latents, np.float32)
         if latents.shape != (len(prompts) * n_per_prompt,) + shape:

@@ -30,8 +30,11 @@ from ldu_jax.shortcut import sampling, trainer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LDU:
-    """The modules (hashable by identity, so jit can take them as static): SD parts, DiT, ρ."""
+class Modules:
+    """The networks LDU runs (SD's VAE / UNet / text encoder, the shortcut DiT, ρ), without their
+    parameters: every function here takes ``(models, params, ...)`` with the params a separate
+    pytree, as flax modules are used. Hashable by identity, so a jitted function takes it as a
+    static argument and compiles once per set of networks."""
     sd: Any
     dit: Any
     rho: Any

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldu_jax.errors import ConfigError
+
 Dtype = Any
 NORM_EPS = 1e-6  # diffusers' VAE passes eps 1e-6 to every GroupNorm (not torch's default 1e-5)
 
@@ -59,6 +61,12 @@ class VAEConfig:
     def factor(self) -> int:
         """Image pixels per latent pixel along each side."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int, what: str = "the image size") -> tuple[int, int, int]:
+        """(h, w, c) of the latents of ``resolution`` px square images."""
+        if resolution % self.factor:
+            raise ConfigError(f"{what} {resolution} is not divisible by the VAE's factor {self.factor}")
+        return (resolution // self.factor, resolution // self.factor, int(self.latent_channels))
 
     @classmethod
     def from_dict(cls, cfg: dict, where: str = "vae/config.json", *, dtype=jnp.float32) -> VAEConfig:

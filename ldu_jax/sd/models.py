@@ -55,6 +55,11 @@ class SD:
 
 # ----------------------------------------------------------------------------- pure functions
 
+def latent_shape(sd: SD, resolution: int) -> tuple[int, int, int]:
+    """(h, w, c) of the VAE's latents of ``resolution`` px images."""
+    return sd.vae.config.latent_shape(resolution)
+
+
 def tokenize(sd: SD, prompts: list[str]) -> np.ndarray:
     """Prompts -> int32 ids [B, model_max_length], padded to max length and truncated."""
     tok = sd.tokenizer
@@ -122,12 +127,10 @@ def _build_tiny_sd(seed: int, dtype) -> tuple[SD, dict]:
 # ----------------------------------------------------------------------------- loading
 
 def load_sd(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> tuple[SD, dict]:
-    """Load ``(SD, params)``: ``'tiny'``, a diffusers-format folder (vae/ unet/ text_encoder/
-    tokenizer/ scheduler/), or a hub id (when online). Each model part may hold PyTorch safetensors
+    """Load ``(SD, params)`` from a diffusers-format folder (vae/ unet/ text_encoder/
+    tokenizer/ scheduler/) or a hub id (when online); ``sources.sd`` also takes 'tiny'. Each model part may hold PyTorch safetensors
     (read without torch), a Flax msgpack or, with ``allow_pickle`` (or LDU_JAX_ALLOW_PICKLE=1), a
     PyTorch .bin (a pickle; needs torch). Modules compute in ``dtype``; params are float32."""
-    if source == "tiny":
-        return tiny_sd(dtype=dtype)
     source = os.path.expanduser(source)
     if not os.path.isdir(source):
         if not weights.is_hub_id(source):

@@ -32,6 +32,9 @@ class VAE(NamedTuple):
     def latent_channels(self) -> int:
         return int(self.module.config.latent_channels)
 
+    def latent_shape(self, resolution: int, what: str = "the image size") -> tuple[int, int, int]:
+        return self.module.config.latent_shape(resolution, what)
+
 
 def compiled_init(init, *args):
     """Run a random ``init`` jitted at XLA optimisation level 0: its compile time is dominated by
@@ -52,11 +55,9 @@ def tiny_vae(seed: int = 0) -> VAE:
 
 
 def load_vae(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> VAE:
-    """Load a VAE: ``tiny`` (random), a diffusers folder (a VAE folder, or an SD folder with
+    """Load a VAE from a diffusers folder (a VAE folder, or an SD folder with
     ``vae/``) or a hub id when online (e.g. ``stabilityai/sd-vae-ft-mse``), its weights read as
     ``load_sd`` reads them."""
-    if source == "tiny":
-        return tiny_vae()
     source = os.path.expanduser(source)
     if not os.path.isdir(source):
         if not weights.is_hub_id(source):

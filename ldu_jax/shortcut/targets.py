@@ -6,7 +6,8 @@ and x_1 data, t in [0, 1]; the velocity target is v = x_1 - (1 - 1e-5) x_0.
 A target function is pure: ``fn(cfg, key, model_fn, images, labels, force_t=-1, force_dt=-1)``
 returns ``Targets(x_t, v_t, t, dt_base, labels, info)``. ``model_fn(x, t, dt_base, labels)`` is the
 network used for bootstrap targets (the EMA or the live parameters, closed over by the caller).
-``cfg`` is the ``config.shortcut`` ConfigDict plus ``num_classes`` / ``class_dropout_prob``.
+``cfg`` is the run's ``config.model`` (``denoise_timesteps``, ``bootstrap_every``,
+``bootstrap_dt_bias``, ``bootstrap_cfg``, ``cfg_scale``, ``num_classes``, ``class_dropout_prob``).
 """
 from __future__ import annotations
 

@@ -24,17 +24,14 @@ DreamBooth surrogates with prior preservation 'class_images' [N, R, R, 3] and 'c
 
 Layout: ``config`` (names, defaults, checks, ``prepare``), ``engine`` (PGD and the shared losses),
 one module per method family (``advdm``, ``anti_dreambooth``, ``photoguard``, ``mist``, ``sds``,
-``pid``); this module holds the registry ``REGISTRY`` and the entry points.
+``pid``); this module holds the registry ``REGISTRY`` and the entry points. Loading a model for a
+baseline and protecting folders with it: ``ldu_jax/jobs/protect.py``.
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from ldu_jax import parallel
+from ldu_jax.errors import ConfigError
 from ldu_jax.protect.baselines.advdm import advdm, evaluate_advdm
 from ldu_jax.protect.baselines.anti_dreambooth import aspl, evaluate_surrogate, fsmg
 from ldu_jax.protect.baselines.config import (METHODS, SD_PARTS, base_config, check_config, config_name,
@@ -45,13 +42,12 @@ from ldu_jax.protect.baselines.mist import evaluate_mist, mist, mist_objective
 from ldu_jax.protect.baselines.photoguard import evaluate_photoguard, photoguard, photoguard_objective
 from ldu_jax.protect.baselines.pid import evaluate_pid, pid, pid_objective
 from ldu_jax.protect.baselines.sds import evaluate_sds, sds, sds_minus, sds_plus, sds_surrogate
-from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
 
 __all__ = [
     "METHODS", "DIRECTION", "REGISTRY", "PROTECT", "SD_PARTS", "Method",
     "base_config", "config_name", "check_config", "pattern_image", "target_image", "prepare",
-    "protect", "objective", "load", "make_protector",
+    "protect", "objective",
     "advdm", "aspl", "fsmg", "photoguard", "mist", "sds", "sds_plus", "sds_minus", "pid",
     "mist_objective", "photoguard_objective", "pid_objective", "sds_surrogate",
     "posterior", "target_posterior", "draw_latents", "noise_pred", "semantic_loss",
@@ -93,34 +89,5 @@ def objective(method: str, sd, params, x_adv, x, key, cfg, surrogate=None):
     surrogate parameters ``surrogate`` (info['surrogate']); SDS: the noise-prediction loss."""
     sched = sch.make_schedule(sd.scheduler)
     if method not in REGISTRY:
-        raise ValueError(f"unknown baseline {method!r}")
+        raise ConfigError(f"unknown baseline {method!r}")
     return REGISTRY[method].evaluate(sd, sched, params, x_adv, x, key, cfg, surrogate)
-
-
-# ----------------------------------------------------------------------------- apply
-
-def load(method: str, cfg, log=print):
-    """(sd, params with the method's inputs, resolution) for a baseline config."""
-    check_config(method, cfg)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-    sd, params = sdm.load_sd(cfg.sd, dtype=dtype)
-    res = cfg.resolution or sd.resolution
-    return sd, prepare(method, sd, params, cfg, res, log), res
-
-
-def make_protector(method: str, cfg, log=print):
-    """(protect_batch(x [apply_batch, R, R, 3] in [-1, 1], i) -> x', resolution): one jit, the batch
-    sharded over the devices, parameters replicated; a folder's batch i uses key
-    fold_in(PRNGKey(seed), i) (the same for every folder, whatever was protected before)."""
-    sd, params, res = load(method, cfg, log)
-    mesh = parallel.batch_mesh(cfg.apply_batch)
-    dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
-    params = jax.device_put(params, rep)
-    fn = jax.jit(lambda p, x, k: protect(method, sd, p, x, k, cfg)[0], out_shardings=dsh)
-    base = jax.random.PRNGKey(cfg.seed)
-
-    def protect_batch(x, index: int):
-        k = jax.random.fold_in(base, index)
-        return np.asarray(fn(params, jax.device_put(jnp.asarray(x, jnp.float32), dsh), k))
-
-    return protect_batch, res

@@ -1,7 +1,5 @@
-"""Personalization attacks: train Textual Inversion or DreamBooth on a folder, then generate.
-
-    python -m ldu_jax.attack ti --config=configs/attack_ti_tiny.py --images=DIR --workdir=DIR
-    python -m ldu_jax.attack dreambooth --config=configs/attack_db_sd21.py --images=DIR --workdir=DIR
+"""Personalization attacks: train Textual Inversion or DreamBooth on a folder (or several folders
+as one program), then generate. The command is ``ldu_jax/cli/attack.py``.
 
 Writes ``metrics.jsonl``, orbax checkpoints (a rerun resumes), the result (TI:
 ``learned_embeds.safetensors``; DreamBooth: ``model/`` or, with LoRA, ``lora.safetensors``), and
@@ -23,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
-from ldu_jax import loop, parallel
+from ldu_jax import loop, parallel, sources
+from ldu_jax.errors import ConfigError
 from ldu_jax.personalize import common, dreambooth, textual_inversion as ti
 from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
@@ -68,7 +67,7 @@ class Attacker:
     def loaded(self):
         if self._loaded is None:
             t = time.time()
-            self._loaded = sdm.load_sd(self.model)
+            self._loaded = sources.sd(self.model)
             self.timing["load"] = self.timing.get("load", 0.0) + time.time() - t
         return self._loaded
 
@@ -115,7 +114,7 @@ class Attacker:
                                      config.seed, dsh),
                 (params, images, ids), finish, mesh)
         if kind != "dreambooth":
-            raise ValueError(f"unknown attack {kind!r}; one of {KINDS}")
+            raise ConfigError(f"unknown attack {kind!r}; one of {KINDS}")
         sd, params = self.loaded()
         class_images = images[:1]
         if config.prior_weight > 0:
@@ -227,7 +226,7 @@ class Attacker:
         """``run`` on several folders: folders with the same number of images train together
         (``train_many``, its checkpoints in ``group_dir/<n>-images``); [{prompt: images}] in order."""
         if kind not in KINDS:
-            raise ValueError(f"unknown attack {kind!r}; one of {KINDS}")
+            raise ConfigError(f"unknown attack {kind!r}; one of {KINDS}")
         self.timing = {"load": 0.0}
         t = time.time()
         if len(images_dirs) != len(workdirs):
@@ -278,23 +277,3 @@ def write_samples(sd, params, config, token: str, workdir: str) -> dict:
 
 def run(kind: str, config, images_dir: str, workdir: str, log=print):
     return Attacker(config.model).run(kind, config, images_dir, workdir, log)
-
-
-def _main(argv):
-    from absl import flags
-    f = flags.FLAGS
-    if len(argv) != 2:
-        raise SystemExit(f"usage: python -m ldu_jax.attack {{{','.join(KINDS)}}} --config=... --images=DIR --workdir=DIR")
-    try:
-        run(argv[1], f.config, f.images, f.workdir)
-    except loop.TrainingDiverged as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    from absl import flags
-    from ldu_jax import cli
-    flags.DEFINE_string("images", None, "folder of the subject's images", required=True)
-    flags.DEFINE_string("workdir", None, "work dir", required=True)
-    cli.define_config("config", None, "configs/attack_*.py")
-    cli.run(_main, user_errors=(ValueError,))

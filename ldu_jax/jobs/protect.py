@@ -1,61 +1,37 @@
-"""The LDU jobs behind ``perturb.py``: load the models, train ρ, protect a folder."""
+"""The protection jobs behind ``perturb.py``: load LDU's models, train ρ, protect a folder (LDU or a
+baseline)."""
 from __future__ import annotations
 
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from PIL import Image
 
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
-from ldu_jax import loop, parallel
-from ldu_jax.models.dit import dit_from_config
+from ldu_jax import dtypes, loop, parallel, sources
+from ldu_jax.errors import ConfigError, MissingError
 from ldu_jax.models.perturber import Perturber
-from ldu_jax.protect import ldu
+from ldu_jax.protect import baselines, ldu
+from ldu_jax.protect import io as pio
 from ldu_jax.sd import models as sdm
 
 
-def latent_shape(sd, resolution: int):
-    f = sd.vae.config.factor
-    return (resolution // f, resolution // f, int(sd.vae.config.latent_channels))
-
-
-def load_shortcut(source: str, data_shape, seed: int = 0):
-    """(DiT module, EMA params, null label) from a ``train.py`` work dir, or a fresh random DiT
-    (``random``: an untrained flow, so invert/denoise reconstruct exactly; for tests)."""
-    if source == "random":
-        from configs import shortcut_tiny
-        mc = shortcut_tiny.get_config().model
-        model = dit_from_config(mc, data_shape[-1])
-        z = jnp.zeros((1,))
-        params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + tuple(data_shape)), z, z,
-                            z.astype(jnp.int32))["params"]
-        return model, params, mc.num_classes
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"shortcut model work dir {source} does not exist (train one with train.py)")
-    params, meta = ckpt.restore_params(source, ema=True)
-    if list(meta["data_shape"][-1:]) != [data_shape[-1]]:
-        raise ValueError(f"the shortcut model in {source} was trained on inputs {meta['data_shape']}, "
-                         f"but this VAE gives latents {list(data_shape)}")
-    mc = ml_collections.ConfigDict(meta["model"])
-    return dit_from_config(mc, data_shape[-1]), params, mc.num_classes
-
-
 def load_models(config, log=print):
-    """(LDU modules, params {'vae','unet','text_encoder','dit'}, ti_ids, db_ids, latent shape)."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    sd, params = sdm.load_sd(config.sd, dtype=dtype)  # bf16 compute, f32 parameters
+    """(ldu.Modules, params {'vae','unet','text_encoder','dit'}, ti_ids, db_ids, latent shape, resolution)."""
+    dtype = dtypes.by_name(config.dtype)
+    sd, params = sources.sd(config.sd, dtype=dtype)  # bf16 compute, f32 parameters
     sd, params, ti_ids, db_ids = ldu.placeholder_setup(sd, params, config)
     res = config.resolution or sd.resolution
-    shape = latent_shape(sd, res)
-    dit, dit_params, null = load_shortcut(config.shortcut, shape, config.seed)
+    shape = sdm.latent_shape(sd, res)
+    dit, dit_params, null = sources.shortcut(config.shortcut, shape, config.seed)
     dit = dit.clone(remat=bool(config.remat), dtype=dtype)
     rho = Perturber(widths=tuple(config.perturber.widths), norm=config.perturber.norm,
                     residual=config.perturber.residual)
     params = {**params, "dit": dit_params}
-    return ldu.LDU(sd, dit, rho, null), params, ti_ids, db_ids, shape, res
+    return ldu.Modules(sd, dit, rho, null), params, ti_ids, db_ids, shape, res
 
 
 def train_rho(config, workdir: str, log=print):
@@ -77,7 +53,7 @@ def train_rho(config, workdir: str, log=print):
     step = jax.jit(ldu.make_rho_step(models, tx, config, config.seed, dsh), donate_argnums=(0,))
     frozen = jax.device_put(params, rep)
     ids = jax.device_put((ti_ids, db_ids), rep)
-    folder = dataset_folder(config.dataset, workdir)
+    folder = sources.dataset_folder(config.dataset, workdir)
     images = data_lib.ImageFolder(folder, res, log=log).batches(config.batch_size, config.seed,
                                                                 start_step=int(state.step))
 
@@ -87,7 +63,7 @@ def train_rho(config, workdir: str, log=print):
 
     protect = jax.jit(lambda p, x: ldu.constrained_images(models, p, x, config))
     grid_x = next(data_lib.ImageFolder(folder, res, log=lambda s: None).batches(4, 0, flip=False))
-    heldout_x = heldout_images(config.get("heldout", ""), res, workdir, log)
+    heldout_x = sources.heldout_images(config.get("heldout", ""), res, workdir)
     gain = jax.jit(lambda p, x: ldu.heldout_gain(models, p, x, ti_ids, db_ids, config, config.heldout_draws))
 
     def after_step(done, state):
@@ -107,15 +83,6 @@ def train_rho(config, workdir: str, log=print):
                            batch_size=config.batch_size, desc="ldu-rho", after_step=after_step)
 
 
-def heldout_images(spec: str, res: int, workdir: str, log=print):
-    """The images ρ's held-out L_pers gain is logged on: '' (none), 'miniworld' (portraits of the
-    world's held-out identities) or a folder."""
-    if not spec:
-        return None
-    folder = sample_folder(workdir, "miniworld", count=8) if spec == "miniworld" else spec
-    return jnp.asarray(data_lib.load_images(data_lib.list_images(folder), res)[0])
-
-
 def write_grid(protect, params, x, path):
     """PNG rows: original | protected | 10x difference."""
     x_prot = np.asarray(protect(params, jnp.asarray(x)))
@@ -128,24 +95,49 @@ def rho_checkpoint(path: str):
     try:
         state, meta = ckpt.restore_state(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (train ρ with: python perturb.py train ...)") from e
+        raise MissingError(f"{e} (train ρ with: python perturb.py train ...)") from e
     return state["rho"], meta
+
+
+def load_baseline(method: str, cfg, log=print):
+    """(sd, params with the method's inputs, resolution) for a baseline config."""
+    baselines.check_config(method, cfg)
+    sd, params = sources.sd(cfg.sd, dtype=dtypes.by_name(cfg.dtype))
+    res = cfg.resolution or sd.resolution
+    return sd, baselines.prepare(method, sd, params, cfg, res, log), res
+
+
+def baseline_protector(method: str, cfg, log=print):
+    """(protect_batch(x [apply_batch, R, R, 3] in [-1, 1], i) -> x', resolution): one jit, the batch
+    sharded over the devices, parameters replicated; a folder's batch i uses key
+    fold_in(PRNGKey(seed), i) (the same for every folder, whatever was protected before)."""
+    sd, params, res = load_baseline(method, cfg, log)
+    mesh = parallel.batch_mesh(cfg.apply_batch)
+    dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    params = jax.device_put(params, rep)
+    fn = jax.jit(lambda p, x, k: baselines.protect(method, sd, p, x, k, cfg)[0], out_shardings=dsh)
+    base = jax.random.PRNGKey(cfg.seed)
+
+    def protect_batch(x, index: int):
+        k = jax.random.fold_in(base, index)
+        return np.asarray(fn(params, jax.device_put(jnp.asarray(x, jnp.float32), dsh), k))
+
+    return protect_batch, res
 
 
 def make_protector(method: str, config, checkpoint: str | None, log=print):
     """(protect_batch(x [B,R,R,3] in [-1,1], batch index) -> x', resolution) for ``ldu`` or ``ldu-opt``, or a
     pixel-space baseline (``baselines.METHODS``: advdm, aspl, fsmg, photoguard, mist, sds, sds-, pid)
     with its ``configs/protect_<method>_*.py`` config."""
-    from ldu_jax.protect import baselines
     if method in baselines.METHODS:
-        return baselines.make_protector(method, config, log)
+        return baseline_protector(method, config, log)
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
     mesh = parallel.batch_mesh(config.apply_batch)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
     if method == "ldu":
         checkpoint = checkpoint or config.get("rho_checkpoint", "")
         if not checkpoint:
-            raise ValueError("--method=ldu needs --checkpoint=<perturb.py train work dir> "
+            raise ConfigError("--method=ldu needs --checkpoint=<perturb.py train work dir> "
                              "(or config.rho_checkpoint)")
         rho, meta = rho_checkpoint(checkpoint)
         ref = jax.eval_shape(lambda: models.rho.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape))))
@@ -158,7 +150,7 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
         key = jax.random.PRNGKey(config.seed)
         fn = jax.jit(lambda p, x: ldu.optimize_shift(models, p, x, *ids, key, config)[0], out_shardings=dsh)
     else:
-        raise ValueError(f"unknown LDU method {method!r}")
+        raise ConfigError(f"unknown LDU method {method!r}")
     return (lambda x, index: np.asarray(fn(params, jax.device_put(jnp.asarray(x), dsh)))), res   # no draws
 
 
@@ -170,8 +162,6 @@ def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, out
 
     The budget every written file meets: LDU's pixel MSE (``config.eps`` on [-1, 1]); for the
     baselines the L-inf bound ``config.eps`` on the [0, 1] scale."""
-    from ldu_jax.protect import baselines
-    from ldu_jax.protect import io as pio
     if method in baselines.METHODS:
         baselines.check_config(method, config)
         budget = pio.Budget("linf", float(config.eps))
@@ -182,38 +172,29 @@ def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, out
     return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log)
 
 
-SAMPLE_COUNT = 4
-MINIWORLD_TRAIN = (128, 4)   # identities x images of the 'miniworld' ρ training set
-
-
-def sample_folder(workdir: str, kind: str = "samples", count: int = SAMPLE_COUNT) -> str:
-    """A few built-in sample portraits (deterministic) written under ``workdir``: procedural
-    portraits (``samples``) or held-out identities of the mini-world (``miniworld``)."""
-    folder = os.path.join(workdir, "sample_images" if kind == "samples" else f"sample_images_{kind}")
-    if count != SAMPLE_COUNT:
-        folder += f"_{count}"
-    if os.path.isdir(folder) and len(os.listdir(folder)) >= count:
-        return folder
-    if kind == "miniworld":
-        from ldu_jax.miniworld import world
-        images = [world.render(ident, 0) for ident in world.heldout_identities(count)]
-    elif kind == "samples":
-        images = [data_lib.procedural_portrait(i) for i in range(count)]
+def demo(config, out_dir: str = "ldu_demo", log=print) -> list[dict]:
+    """Protect a few built-in portraits into ``<out_dir>/protected`` (+ ``<out_dir>/grid.png``:
+    original | protected): with the config's trained ρ (the mini-world's shipped one by default), or,
+    for a config without one (e.g. configs/ldu_tiny.py), after a short ρ training. Returns the rows."""
+    shipped = bool(config.get("rho_checkpoint")) and os.path.isdir(config.rho_checkpoint)
+    kind = sources.MINIWORLD if config.dataset == sources.MINIWORLD else sources.SAMPLES
+    if shipped:
+        log("LDU demo: the mini-world's trained models and ρ (ldu_jax/miniworld/models), held-out portraits.")
+        rho = config.rho_checkpoint
     else:
-        raise ValueError(f"unknown sample kind {kind!r}; 'samples' or 'miniworld'")
-    for i, img in enumerate(images):
-        data_lib.save_image_atomic(os.path.join(folder, f"sample_{i}.png"), img)
-    return folder
-
-
-def dataset_folder(dataset: str, workdir: str) -> str:
-    """The image folder of a config's ``dataset``: a path, ``samples`` (the built-in portraits) or
-    ``miniworld`` (the mini-world's training portraits, rendered into ``workdir`` once)."""
-    if dataset == "samples":
-        return sample_folder(workdir)
-    if dataset == "miniworld":
-        from ldu_jax.miniworld import world
-        root = os.path.join(workdir, "miniworld_train")
-        world.write_training_set(root, *MINIWORLD_TRAIN)
-        return os.path.join(root, "images")
-    return dataset
+        log("LDU demo: a short ρ training on the config's models, then protection of built-in portraits.")
+        rho = os.path.join(out_dir, "rho")
+        train_rho(config, rho)
+    images = sources.sample_folder(out_dir, kind)
+    out = os.path.join(out_dir, "protected")
+    rows = protect_dir("ldu", config, rho, images, out, log)
+    pairs = []
+    for r in rows:
+        if not r["error"]:
+            stem = os.path.splitext(r["file"])[0]
+            for folder in (images, out):
+                with Image.open(os.path.join(folder, stem + ".png")) as im:
+                    pairs.append(np.asarray(im.convert("RGB")))
+    if pairs:
+        data_lib.save_image_atomic(os.path.join(out_dir, "grid.png"), data_lib.make_grid(np.stack(pairs), ncol=2))
+    return rows

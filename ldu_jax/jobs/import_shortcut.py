@@ -1,7 +1,7 @@
 """Convert a checkpoint of the public shortcut-models code (kvfrans/shortcut-models, JAX) into a
 work dir of this project, which ``train.py`` continues and ``checkpoint.restore_params`` loads:
 
-    python -m ldu_jax.shortcut.official --pickle=celeba-shortcut2-every4400001 \\
+    python -m ldu_jax.cli.import_shortcut --pickle=celeba-shortcut2-every4400001 \\
         --config=configs/shortcut_celebahq256.py --workdir=runs/celeba_official --allow_pickle
 
 What the public code writes (its ``utils/checkpoint.py``, called by ``train.py`` every
@@ -19,7 +19,6 @@ in the parameters (the patch embedding's kernel); the size is checked against th
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 
@@ -29,9 +28,8 @@ import numpy as np
 from flax.core import unfreeze
 
 from ldu_jax import checkpoint as ckpt
-from ldu_jax import errors
+from ldu_jax import errors, sources
 from ldu_jax.models.dit import dit_from_config
-from ldu_jax.sd.vae import TINY_VAE
 from ldu_jax.shortcut import trainer
 
 
@@ -120,44 +118,17 @@ def describe(params) -> dict:
                 mlp_ratio=float(mlp) / int(hidden), num_classes=int(classes))
 
 
-def _vae_config(source: str) -> dict | None:
-    """A VAE source's config.json entries, read without downloading; None if not available here."""
-    if source == "tiny":
-        return dict(TINY_VAE)
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        for sub in ("vae", ""):
-            f = os.path.join(path, sub, "config.json")
-            if os.path.isfile(f):
-                with open(f) as fh:
-                    return json.load(fh)
-        return None
-    if not path.startswith(("/", ".", "~")) and path.count("/") == 1:   # a hub id: only from the local cache
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        for name in ("config.json", "vae/config.json"):
-            f = try_to_load_from_cache(path, name)
-            if isinstance(f, str):
-                with open(f) as fh:
-                    cfg = json.load(fh)
-                if "block_out_channels" in cfg:
-                    return cfg
-    return None
-
-
 def expected_input(config) -> tuple[int, int, str] | None:
     """(size, channels, why) of the DiT inputs that ``config`` trains on (``image_size`` through
     ``config.vae``), or None when the VAE's config is not available without a download."""
     if config.vae == "none":
         return config.image_size, 3, f"pixels of config.image_size={config.image_size} (config.vae='none')"
-    cfg = _vae_config(config.vae)
+    cfg = sources.vae_config(config.vae)
     if cfg is None:
         return None
-    factor = 2 ** (len(cfg.get("block_out_channels", (64,))) - 1)
-    channels = int(cfg.get("latent_channels", 4))
-    return (config.image_size // factor, channels,
+    size, _, channels = cfg.latent_shape(config.image_size, "config.image_size")
+    factor = cfg.factor
+    return (size, channels,
             f"latents of config.image_size={config.image_size} through config.vae={config.vae!r} "
             f"(factor {factor}, {channels} channels)")
 
@@ -243,26 +214,3 @@ def convert(pickle_path: str, config, workdir: str, input_size: int | None = Non
     ckpt.save(manager, step, state, meta)
     manager.wait_until_finished()
     return step
-
-
-def _main(argv):
-    from absl import flags
-    f = flags.FLAGS
-    if f.config is None:
-        raise errors.ConfigError("--config is required (the model config, e.g. configs/shortcut_celebahq256.py)")
-    step = convert(f.pickle, f.config, f.workdir, f.input_size, f.allow_pickle)
-    print(f"wrote step {step} to {ckpt.checkpoint_dir(f.workdir)}")
-
-
-if __name__ == "__main__":
-    from absl import flags
-
-    from ldu_jax import cli
-    flags.DEFINE_string("pickle", None, "shortcut-models checkpoint: the pickle file, or the save folder holding "
-                        "exactly one", required=True)
-    flags.DEFINE_string("workdir", None, "output work dir (new or empty)", required=True)
-    flags.DEFINE_bool("allow_pickle", False, "allow unpickling the file (it can run code)")
-    flags.DEFINE_integer("input_size", None, "the DiT's input size (32 for 256 px images in SD latents); "
-                         "default: the config's image_size over its VAE's factor")
-    cli.define_config("config", None, "model config (configs/shortcut_*.py)")
-    cli.run(_main)   # prints a UserError in one line

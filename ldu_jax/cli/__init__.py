@@ -1,4 +1,10 @@
-"""Shared command-line plumbing: flag parsing and user errors reported in one line."""
+"""The commands (``python -m ldu_jax.cli.<command>``, or the ``ldu-*`` console scripts), and their
+shared plumbing: config flags, the compilation cache, user errors reported in one line.
+
+Each command module is thin: it defines its flags and calls one library function. A
+``errors.UserError`` (bad path, file, config key or value) ends the command with ``error: <message>``
+and exit status 1; any other exception is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +13,9 @@ import sys
 
 from absl import app, flags, logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout: configs/ lives here
+from ldu_jax import config_file
+from ldu_jax.errors import UserError
+
 
 
 def _clean(e) -> str:
@@ -21,8 +29,8 @@ def define_config(name: str, default: str | None, help_text: str):
     config_flags resolves ``--<name>.a.b=v`` overrides while defining the flag, so errors surface here.
     """
     from ml_collections import config_flags
-    if default and not os.path.isabs(default) and not os.path.exists(default):
-        default = os.path.join(ROOT, default)   # a built-in default works from any directory
+    if default:
+        default = config_file.resolve(default)   # a built-in default works from any directory
     try:
         return config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
     except (AttributeError, KeyError) as e:
@@ -56,19 +64,16 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return jax.config.jax_compilation_cache_dir or ""
 
 
-def run(main, user_errors=()):
-    """``app.run(main)`` with clean messages for bad flags and for ``user_errors`` raised by main,
+def run(main):
+    """``app.run(main)`` with clean messages for bad flags and for a ``UserError`` raised by main,
     and the persistent compilation cache on (``enable_compilation_cache``)."""
-    from ldu_jax.checkpoint import CheckpointMismatchError
-    from ldu_jax.data import DataError
-    expected = (DataError, CheckpointMismatchError, FileNotFoundError, PermissionError) + tuple(user_errors)
 
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         enable_compilation_cache()
         try:
             return main(argv)
-        except expected as e:
+        except UserError as e:
             sys.exit(f"error: {e}")
 
     app.run(wrapped, flags_parser=_parse)

@@ -1,6 +1,6 @@
 """Build the mini-world from nothing: data, then every model, each stage resumable.
 
-    python -m ldu_jax.miniworld.build --workdir=runs/miniworld [--profile=full|test] [--stages=...]
+    python -m ldu_jax.cli.build_world --workdir=runs/miniworld [--profile=full|test] [--stages=...]
 
 Stages (in order; a finished stage is skipped, an interrupted one resumes from its checkpoints):
 
@@ -27,11 +27,18 @@ import time
 
 import numpy as np
 
-from ldu_jax import files
-from ldu_jax.miniworld import MODELS, world
+from ldu_jax import checkpoint as ckpt
+from ldu_jax import config_file, files
+from ldu_jax.errors import ConfigError, MissingError
+from ldu_jax.jobs import protect, train_shortcut
+from ldu_jax.miniworld import MODELS, identity, world
+from ldu_jax.miniworld.train_t2i import text_use, train_t2i
+from ldu_jax.miniworld.train_vae import train_vae
 
 PROFILES = ("full", "test", "v2")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
+STAGE_CONFIGS = {"vae": "miniworld_vae", "t2i": "miniworld_t2i", "identity": "miniworld_identity",
+                 "shortcut": "miniworld_shortcut", "rho": "ldu_miniworld"}
 # what each shipped checkpoint keeps of its training state (the loaders read exactly these)
 EXPORT_KEYS = {"shortcut": ("params_ema",), "identity": ("params",), "rho": ("rho",)}
 
@@ -40,16 +47,14 @@ def configs(profile: str = "full") -> dict:
     """The stage configs of a profile ('full': the shipped models; 'test': tiny, seconds; 'v2': the
     mini-world v2 being built (issue 17): 128 px textured portraits and SD's factor-8 VAE; its later
     stages have no recipe yet and are None)."""
-    from configs import ldu_miniworld, miniworld_identity, miniworld_shortcut, miniworld_t2i, miniworld_vae
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
+        raise ConfigError(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
     if profile == "v2":
         return {"data": {"n_train": 512, "per_identity": 8, "n_heldout": 8, "style": "v2", "size": 128},
-                "vae": miniworld_vae.get_config("v2"), "identity": None, "t2i": None, "shortcut": None, "rho": None}
-    arg = "test" if profile == "test" else ""
-    c = {"vae": miniworld_vae.get_config(arg), "t2i": miniworld_t2i.get_config(arg),
-         "identity": miniworld_identity.get_config(arg), "shortcut": miniworld_shortcut.get_config(arg),
-         "rho": ldu_miniworld.get_config(arg)}
+                "vae": config_file.load("configs/miniworld_vae.py:v2"), "identity": None, "t2i": None,
+                "shortcut": None, "rho": None}
+    arg = ":test" if profile == "test" else ""
+    c = {stage: config_file.load(f"configs/{name}.py{arg}") for stage, name in STAGE_CONFIGS.items()}
     c["data"] = {"n_train": 512, "per_identity": 8, "n_heldout": 8} if profile != "test" else \
         {"n_train": 8, "per_identity": 2, "n_heldout": 2}
     return c
@@ -94,7 +99,7 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
     """Run the stages; returns the manifest {stage: {path, seconds, ...}}."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     os.makedirs(workdir, exist_ok=True)
     cfg = configs(profile)
     p = lambda *a: os.path.join(workdir, *a)  # noqa: E731
@@ -107,7 +112,7 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
         log(f"[{stage}] building ...")
         t0, w0, c, info = time.process_time(), time.time(), cfg.get(stage), {}
         if c is None and stage != "export":
-            raise ValueError(f"profile {profile!r} has no {stage} recipe yet; build its other stages with "
+            raise ConfigError(f"profile {profile!r} has no {stage} recipe yet; build its other stages with "
                              f"--stages")
         d = cfg["data"]
         look = {"size": d.get("size", 64), "style": d.get("style", "v1")}
@@ -116,19 +121,15 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             world.write_heldout_subjects(p("data", "heldout"), d["n_heldout"], **look)
             out = p("data")
         elif stage == "identity":
-            from ldu_jax.miniworld import identity
             identity.train(c, p("identity"), log=log)
             out = p("identity")
             info["eval"] = identity.measure(identity.load(out), n_identities=c.eval_heldout)
             log(f"[identity] held-out identities: {info['eval']}")
         elif stage == "vae":
-            from ldu_jax.miniworld.train_vae import train_vae
             train_vae(c, p("vae"), world_batches(d["n_train"], c.batch_size, c.seed, look["size"],
                                                  style=look["style"]), log=log)
             out = p("vae", "vae")
         elif stage == "t2i":
-            from ldu_jax.miniworld.train_t2i import train_t2i
-            from ldu_jax.miniworld.train_t2i import text_use
             scene = bool(c.scene_captions)
             sd, params = train_t2i(c, p("t2i"), world_batches(cfg["data"]["n_train"], c.batch_size, c.seed + 1,
                                                               scene=scene),
@@ -139,14 +140,12 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
                                         [world.caption(h, v, scene) for v, h in enumerate(held)])
             log(f"[t2i] loss on held-out portraits with captions / shuffled / empty: {info['text_use']}")
         elif stage == "shortcut":
-            from ldu_jax.shortcut import run as shortcut_run
             c.dataset, c.vae = p("data", "train", "images"), p("vae", "vae")
-            shortcut_run.train(c, p("shortcut"), log=log)
+            train_shortcut.train(c, p("shortcut"), log=log)
             out = p("shortcut")
         elif stage == "rho":
-            from ldu_jax.protect.run import train_rho
             c.sd, c.shortcut, c.dataset, c.rho_checkpoint = p("t2i", "sd"), p("shortcut"), p("data", "train", "images"), ""
-            train_rho(c, p("rho"), log=log)
+            protect.train_rho(c, p("rho"), log=log)
             out = p("rho")
         else:
             out = export(workdir)
@@ -159,7 +158,6 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
 def export(workdir: str) -> str:
     """``<workdir>/export``: the t2i bundle and the shortcut, identity and ρ checkpoints without
     their optimizer state, plus the manifest (written atomically)."""
-    from ldu_jax import checkpoint as ckpt
     out = os.path.join(workdir, "export")
     with files.atomic_dir(out) as tmp:
         shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
@@ -174,27 +172,7 @@ def install(workdir: str, dest: str = MODELS) -> str:
     """Replace the package's shipped models (``dest``) with ``<workdir>/export``."""
     src = os.path.join(workdir, "export")
     if not os.path.isfile(os.path.join(src, "manifest.json")):
-        raise FileNotFoundError(f"{src} is not a finished export (run the build's export stage first)")
+        raise MissingError(f"{src} is not a finished export (run the build's export stage first)")
     with files.atomic_dir(dest) as tmp:
         shutil.copytree(src, tmp)
     return dest
-
-
-def _main(argv):
-    from absl import flags
-    f = flags.FLAGS
-    build(f.workdir, f.profile, tuple(s for s in f.stages.split(",") if s))
-    if f.install:
-        print(f"installed the models into {install(f.workdir)}")
-
-
-if __name__ == "__main__":
-    from absl import flags
-
-    from ldu_jax import cli
-    flags.DEFINE_string("workdir", None, "where the world and its models are built", required=True)
-    flags.DEFINE_enum("profile", "full", list(PROFILES),
-                      "full: the shipped models; test: tiny, seconds")
-    flags.DEFINE_string("stages", ",".join(STAGES), "comma-separated subset of " + ",".join(STAGES))
-    flags.DEFINE_bool("install", False, "copy <workdir>/export into the package (the shipped default models)")
-    cli.run(_main, user_errors=(ValueError,))

@@ -1,6 +1,6 @@
 """Is a mini-world as vulnerable as Stable Diffusion? Measurements, and the calibration gates.
 
-    python -m ldu_jax.miniworld.calibrate --workdir=runs/calibrate [--models=DIR] [--parts=...]
+    python -m ldu_jax.cli.calibrate --workdir=runs/calibrate [--models=DIR] [--parts=...]
 
 A protection comparison means something only in a world where the published protections work at
 their published budgets. Each part measures one reason a world could be more robust than SD:
@@ -26,12 +26,23 @@ stdout. The world's models come from ``--models`` (sd/ and identity/, as the pac
 from __future__ import annotations
 
 import os
+import types
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from scipy import ndimage
 
+from ldu_jax import checkpoint as ckpt
+from ldu_jax import config_file, files, purify
 from ldu_jax import data as data_lib
-from ldu_jax import files
-from ldu_jax.miniworld import MODELS
+from ldu_jax.evaluate import runner
+from ldu_jax.jobs import attack as attack_lib
+from ldu_jax.miniworld import MODELS, identity, train_vae, world
+from ldu_jax.protect import baselines
+from ldu_jax.sd import models as sdm
+from ldu_jax.sd import vae as vae_lib
 
 PARTS = ("content", "encoder", "identity", "imprint", "gates")
 BUDGET_36DB_RMS = 10 ** (-36 / 20)      # RMS on [0, 1] of a change at PSNR 36 dB
@@ -58,7 +69,6 @@ def psnr01(a, b) -> np.ndarray:
 
 def fine_rms(images, sigma: float = 1.0) -> np.ndarray:
     """RMS per image of (x - Gaussian blur of x) on [0, 1]: the structure a change can hide in."""
-    from scipy import ndimage
     x = to_unit(images)
     low = ndimage.gaussian_filter(x, (0, sigma, sigma, 0))
     return np.sqrt(np.mean(np.square(x - low), axis=(1, 2, 3)))
@@ -79,8 +89,7 @@ def sign_pattern(size: int, seed: int = 0) -> np.ndarray:
 
 def texture_pattern(size: int) -> np.ndarray:
     """The baselines' built-in target texture (checkers, rings, stripes), scaled to [-1, 1] L-inf."""
-    from ldu_jax.protect.baselines import pattern_image
-    p = pattern_image(size).astype(np.float64)
+    p = baselines.pattern_image(size).astype(np.float64)
     return p / np.max(np.abs(p))
 
 
@@ -96,8 +105,6 @@ class World:
     """The models and held-out subjects a calibration measures."""
 
     def __init__(self, models: str, workdir: str, n_subjects: int, log=print):
-        from ldu_jax.miniworld import world
-        from ldu_jax.sd import models as sdm
         self.models, self.log = models, log
         self.sd, self.params = sdm.load_sd(os.path.join(models, "sd"))
         self.resolution = int(self.sd.resolution)
@@ -108,7 +115,6 @@ class World:
     @property
     def identity(self):
         if self._identity is None:
-            from ldu_jax.miniworld import identity
             self._identity = identity.load(os.path.join(self.models, "identity"))
         return self._identity
 
@@ -126,7 +132,6 @@ class World:
 
 def measure_content(w: World) -> dict:
     """Fine structure of the portraits against a 36 dB change, and what JPEG 75 / blur remove."""
-    from ldu_jax import purify
     x = np.concatenate([w.photos(s) for s in w.subjects])
     rms = fine_rms(x)
     return {"resolution": w.resolution, "fine_rms": float(rms.mean()), "budget_36db_rms": BUDGET_36DB_RMS,
@@ -139,13 +144,8 @@ def encoder_attack(vae, vae_params, images_u8, steps: int = 200, target: str = "
     """PhotoGuard's encoder attack at its published budget against a VAE (``ldu_jax.sd.vae.VAE``
     module, params) on uint8 photos: what it does to the round trip D(E(x')), and how much of a
     fixed 8/255 pattern on the photos the round trip passes on (what an attack could learn)."""
-    import types
 
-    import jax
-    import jax.numpy as jnp
 
-    from ldu_jax.protect import baselines
-    from ldu_jax.sd import vae as vae_lib
     res = images_u8.shape[1]
     cfg = baselines.base_config("photoguard")
     cfg.update(dict(PHOTOGUARD, steps=int(steps), target=target))
@@ -187,7 +187,6 @@ def encoder_attack(vae, vae_params, images_u8, steps: int = 200, target: str = "
 
 def measure_encoder(w: World, steps: int = 200, batch: int = 8) -> dict:
     """``encoder_attack`` on the world's VAE and the first ``batch`` held-out photos."""
-    from ldu_jax.sd import vae as vae_lib
     x = np.concatenate([w.photos(s) for s in w.subjects])[:batch]
     return encoder_attack(vae_lib.VAE(w.sd.vae, None), w.params["vae"], x, steps)
 
@@ -196,12 +195,7 @@ def encoder_along_run(vae_workdir: str, style: str = "v2", n_images: int = 8, st
                       log=print, sensor_noise: float = 1.0) -> list[dict]:
     """``encoder_attack`` at every kept checkpoint of a ``train_vae`` run (does the encoder grow
     fragile as it learns?), on held-out portraits of ``style`` at the run's resolution."""
-    import jax
-    import ml_collections
 
-    from ldu_jax import checkpoint as ckpt
-    from ldu_jax.miniworld import train_vae, world
-    from ldu_jax.sd import vae as vae_lib
     manager = ckpt.make_manager(vae_workdir)
     out = []
     for step in sorted(manager.all_steps()):
@@ -226,7 +220,6 @@ CORRUPTIONS = (("noise", (4, 8, 16, 32, 64)), ("blur", (1.0, 2.0, 4.0)), ("sign 
 def corrupt(images_u8, kind: str, strength):
     """uint8 images with one artefact: Gaussian noise of std strength/255, a Gaussian blur of
     sigma strength px, or a fixed pattern of L-inf amplitude strength/255."""
-    from ldu_jax import purify
     x = np.asarray(images_u8)
     if kind == "noise":
         return np.stack(purify.noise(x, strength / 255, seed=1))
@@ -267,9 +260,7 @@ def measure_imprint(w: World, workdir: str, subjects=2, amplitudes=(8, 16), max_
                     name: str = "imprint") -> dict:
     """DreamBooth on photos + a fixed pattern against DreamBooth on the clean photos, same seeds;
     ``overrides`` of the attack config; runs cached under ``<workdir>/<name>``."""
-    from ldu_jax import attack as attack_lib
-    from ldu_jax.evaluate import load_config_file
-    cfg = load_config_file(attack_config, {"max_steps": int(max_steps), **(overrides or {})})
+    cfg = config_file.load(attack_config, {"max_steps": int(max_steps), **(overrides or {})})
     cfg.model = os.path.join(w.models, "sd")
     cfg.class_images_dir = os.path.join(workdir, "imprint", "class_images")
     model = w.identity
@@ -313,8 +304,7 @@ def gate_config(models: str, subjects: int, max_steps: int, eval_config: str = "
                 settings=GATE_SETTINGS):
     """The evaluation config of the gates: clean, AdvDM 8/255 and ASPL eps 0.05 x ``settings`` (no
     purification, JPEG 75 and blur) x DreamBooth."""
-    from ldu_jax.evaluate import load_config_file
-    c = load_config_file(eval_config)
+    c = config_file.load(eval_config)
     c.data = f"miniworld:{int(subjects)}"
     c.subjects = ()
     c.sd, c.face_backend = os.path.join(models, "sd"), "miniworld:" + os.path.join(models, "identity")
@@ -382,9 +372,8 @@ def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int =
         elif part == "imprint":
             res[part] = measure_imprint(w, workdir, max_steps=attack_steps)
         else:
-            from ldu_jax import evaluate
             cfg = gate_config(models, n_subjects, attack_steps, settings=gate_settings)
-            rows = evaluate.run(cfg, os.path.join(workdir, "gates"), log=log)
+            rows = runner.run(cfg, os.path.join(workdir, "gates"), log=log)
             res[part] = gates(rows, res.get("encoder"))
             res["gates_setup"] = {"subjects": int(n_subjects), "dreambooth_steps": int(attack_steps)}
         files.write_json(path, res)
@@ -429,35 +418,3 @@ def report(res: dict) -> str:
         lines += [f"| {g['gate']} | {g['value']:.3f} | {g['threshold']:.3f} | {'yes' if g['passed'] else 'NO'} |"
                   for g in res["gates"]]
     return "\n".join(lines)
-
-
-def _main(argv):
-    from absl import flags
-    f = flags.FLAGS
-    if f.vae_run:
-        rows = encoder_along_run(f.vae_run, f.style, steps=f.encoder_steps)
-        os.makedirs(f.workdir, exist_ok=True)
-        files.write_json(os.path.join(f.workdir, "encoder_along_run.json"), rows)
-        return
-    res = calibrate(f.workdir, f.models, tuple(p for p in f.parts.split(",") if p), f.subjects, f.attack_steps,
-                    f.encoder_steps, f.redo, tuple(s for s in f.gate_settings.split(",") if s))
-    print(report(res))
-
-
-if __name__ == "__main__":
-    from absl import flags
-
-    from ldu_jax import cli
-    flags.DEFINE_string("workdir", None, "where subjects, attack runs and calibrate.json go", required=True)
-    flags.DEFINE_string("models", MODELS, "the world's models (sd/, identity/)")
-    flags.DEFINE_string("parts", ",".join(PARTS), "comma-separated subset of " + ",".join(PARTS))
-    flags.DEFINE_integer("subjects", 4, "held-out subjects")
-    flags.DEFINE_integer("attack_steps", 200, "DreamBooth steps (imprint, gates)")
-    flags.DEFINE_integer("encoder_steps", 200, "PhotoGuard PGD steps (published: 1000)")
-    flags.DEFINE_string("gate_settings", ",".join(GATE_SETTINGS),
-                        "the purifications the gates run (the evaluation caches each cell: a later run with more "
-                        "extends the same work dir)")
-    flags.DEFINE_bool("redo", False, "recompute parts already in calibrate.json")
-    flags.DEFINE_string("vae_run", "", "instead: the encoder attack at each checkpoint of this train_vae work dir")
-    flags.DEFINE_enum("style", "v2", ["v1", "v2"], "the portraits --vae_run attacks")
-    cli.run(_main, user_errors=(ValueError,))

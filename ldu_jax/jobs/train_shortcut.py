@@ -1,4 +1,4 @@
-"""The shortcut-model training run behind ``train.py``: data, sharding, loop, logs, checkpoints."""
+"""The shortcut-model training job behind ``train.py``: data, sharding, loop, logs, checkpoints."""
 from __future__ import annotations
 
 import os
@@ -10,9 +10,10 @@ from jax.experimental import multihost_utils
 
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
-from ldu_jax import loop
-from ldu_jax import parallel
+from ldu_jax import loop, parallel, sources
+from ldu_jax.metrics import fid
 from ldu_jax.models.dit import dit_from_config
+from ldu_jax.sd import vae as vae_lib
 from ldu_jax.shortcut import sampling, trainer
 
 
@@ -69,13 +70,9 @@ def train(config, workdir: str, log=print):
     local_batch = config.batch_size // n_proc
     os.makedirs(workdir, exist_ok=True)
 
-    vae = None
-    if config.vae != "none":
-        from ldu_jax.sd import vae as vae_lib
-        vae = vae_lib.load_vae(config.vae)
-        if config.image_size % vae.factor:
-            raise ValueError(f"config.image_size={config.image_size} must be divisible by the VAE factor {vae.factor}")
-        data_shape = (config.image_size // vae.factor,) * 2 + (vae.latent_channels,)
+    vae = sources.vae(config.vae)
+    if vae is not None:
+        data_shape = vae.latent_shape(config.image_size, "config.image_size")
     else:
         data_shape = (config.image_size, config.image_size, 3)
 
@@ -96,7 +93,6 @@ def train(config, workdir: str, log=print):
                      donate_argnums=(0,))
     encode = None
     if vae is not None:
-        from ldu_jax.sd import vae as vae_lib
         enc_key = jax.random.PRNGKey(config.seed + 1)
         encode = jax.jit(lambda p, x, k: vae_lib.encode(vae, p, x, jax.random.fold_in(enc_key, k)),
                          in_shardings=(rep, dsh, None), out_shardings=dsh)
@@ -141,7 +137,6 @@ def generate(config, model, vae, params, data_shape, n: int, k: int, seed: int) 
                          null_label=mc.num_classes)
     x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
     if vae is not None:  # decoded where the VAE's params live (a loaded VAE's are committed to one device)
-        from ldu_jax.sd import vae as vae_lib
         x = np.asarray(vae_lib.decoder(vae.module)(vae.params, jnp.asarray(x)))
     return x
 
@@ -150,17 +145,15 @@ def load_fid_reference(config):
     """(Inception params, reference mu, sigma) when ``fid_every`` is set, else None."""
     if not config.get("fid_every"):
         return None
-    from ldu_jax.metrics import fid
     if not config.fid_stats or not config.fid_weights:
         raise ValueError("config.fid_every needs config.fid_stats (reference .npz, e.g. from "
-                         "`python -m ldu_jax.metrics.fid stats`) and config.fid_weights (Inception weights)")
+                         "`python -m ldu_jax.cli.fid stats`) and config.fid_weights (Inception weights)")
     return (fid.load_weights(config.fid_weights),) + tuple(fid.load_stats(config.fid_stats))
 
 
 def fid_scores(config, model, vae, params, data_shape, ref) -> dict:
     """{k: FID of ``fid_samples`` EMA samples at k steps against the reference statistics}, for
     each k of ``config.sample_steps`` (1, 4 and 128 as in shortcut-models)."""
-    from ldu_jax.metrics import fid
     inception, mu, sigma = ref
     out = {}
     for k in config.sample_steps:

@@ -1,0 +1,22 @@
+"""What a user can fix, as one exception type: the entry points print it in one line; every other
+exception is a bug and keeps its traceback.
+
+Each subclass also derives from the built-in type callers already expect (``ValueError``,
+``FileNotFoundError``), so ``except ValueError`` around a library call still works.
+"""
+
+
+class UserError(Exception):
+    """A bad path, file, flag, config key or value: the message says which, and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key or value (or a model folder's config.json entry) that is unknown or unsupported."""
+
+
+class MissingError(UserError, FileNotFoundError):
+    """A file, folder or checkpoint the user named does not exist."""
+
+
+class FileFormatError(UserError, ValueError):
+    """A file the user named exists but is not what it should be (wrong format, wrong contents)."""

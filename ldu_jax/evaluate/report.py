@@ -1,0 +1,175 @@
+"""An evaluation's outputs: results.csv, results.md (mean ± std over subjects), plots/ (bars per
+metric, sample grids per method)."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from ldu_jax import data as data_lib
+from ldu_jax import files
+from ldu_jax.evaluate.measure import same_size
+
+COLUMNS = ("subject", "method", "setting", "attack", "status", "reason", "n_protected", "psnr", "ssim",
+           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "ism_drop", "fd_identity",
+           "brisque", "clip_iqa", "fid_generated", "seconds", "notes")
+# (column, label, higher is better for the protection?)
+TABLE_METRICS = (("psnr", "PSNR↑", None), ("ssim", "SSIM↑", None), ("fid_protected", "FID(prot)↓", None),
+                 ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False), ("ism_others", "ISM(others)", None),
+                 ("ism_drop", "ISM drop↑", True),
+                 ("fd_identity", "FD(id)↑", True), ("brisque", "BRISQUE↑", True),
+                 ("clip_iqa", "CLIP-IQA↓", False), ("fid_generated", "FID(gen)↑", True))
+def slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9.=_-]+", "_", str(text)).strip("_") or "none"
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def write_csv(path: str, rows):
+    with files.atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([_fmt(r.get(k)) for k in COLUMNS])
+
+
+def with_ism_drop(rows) -> list[dict]:
+    """``rows`` with ``ism_drop`` = the clean photos' ISM (method and setting 'none') of the same
+    subject and attack minus the row's ISM, where both were measured."""
+    clean = {(r["subject"], r["attack"]): _num(r, "ism") for r in rows
+             if r.get("status") == "done" and r["method"] == "none" and r["setting"] == "none"}
+    out = []
+    for r in rows:
+        ref, ism = clean.get((r["subject"], r["attack"])), _num(r, "ism")
+        out.append({**r, "ism_drop": ref - ism} if r.get("status") == "done" and None not in (ref, ism) else r)
+    return out
+
+
+def _num(r, k):
+    v = r.get(k)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if not math.isnan(v) else None
+
+
+def mean_std(values) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if any(math.isinf(v) for v in vals):
+        return "∞"
+    m = float(np.mean(vals))
+    return f"{m:.3f} ± {float(np.std(vals)):.3f}" if len(vals) > 1 else f"{m:.3f}"
+
+
+def summarize(rows):
+    """{(method, setting, attack): {metric: [values over subjects]}} of the finished cells."""
+    groups = {}
+    for r in rows:
+        if r.get("status") != "done":
+            continue
+        g = groups.setdefault((r["method"], r["setting"], r["attack"]), {k: [] for k, _, _ in TABLE_METRICS})
+        for k, _, _ in TABLE_METRICS:
+            g[k].append(_num(r, k))
+    return groups
+
+
+def results_markdown(rows, cfg=None) -> str:
+    groups = summarize(rows)
+    cols = [(k, label) for k, label, _ in TABLE_METRICS if any(v is not None for g in groups.values() for v in g[k])]
+    lines = ["# Evaluation results", "",
+             "Mean ± std over subjects. ↑/↓: the direction that means *better protection* "
+             "(for PSNR/SSIM/FID(prot): better imperceptibility).", ""]
+    lines.append("| method | setting | attack | n | " + " | ".join(label for _, label in cols) + " |")
+    lines.append("|" + "---|" * (4 + len(cols)))
+    for (m, s, a), g in groups.items():
+        n = len(next(iter(g.values())))
+        lines.append(f"| {m} | {s} | {a} | {n} | " + " | ".join(mean_std(g[k]) for k, _ in cols) + " |")
+    other = [r for r in rows if r.get("status") != "done"]
+    if other:
+        lines += ["", "Cells not measured:", ""]
+        lines += [f"- {r['subject']} / {r['method']} / {r['setting']} / {r['attack']}: {r['status']} — {r['reason']}"
+                  for r in other]
+    notes = sorted({n for r in rows for n in str(r.get("notes") or "").split("; ") if n})
+    if notes:
+        lines += ["", "Metric notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, rows, cfg=None):
+    write_csv(os.path.join(workdir, "results.csv"), rows)
+    with files.atomic_write(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(results_markdown(rows, cfg))
+    write_plots(workdir, rows)
+    write_sample_grids(workdir, rows)
+
+
+def write_plots(workdir: str, rows):
+    """plots/<metric>.png: bars per method, grouped by setting, one panel per attack."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = summarize(rows)
+    if not groups:
+        return
+    methods = list(dict.fromkeys(k[0] for k in groups))
+    settings = list(dict.fromkeys(k[1] for k in groups))
+    attacks = list(dict.fromkeys(k[2] for k in groups))
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    for key, label, _ in TABLE_METRICS:
+        if not any(v is not None and math.isfinite(v) for g in groups.values() for v in g[key]):
+            continue
+        fig, axes = plt.subplots(1, len(attacks), figsize=(4 + 2 * len(methods), 3.2), squeeze=False)
+        width = 0.8 / len(settings)
+        for ax, a in zip(axes[0], attacks):
+            for j, s in enumerate(settings):
+                means, stds = [], []
+                for m in methods:
+                    vals = [v for v in groups.get((m, s, a), {}).get(key, []) if v is not None and math.isfinite(v)]
+                    means.append(np.mean(vals) if vals else np.nan)
+                    stds.append(np.std(vals) if vals else 0.0)
+                ax.bar(np.arange(len(methods)) + j * width, means, width, yerr=stds, label=s)
+            ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=30)
+            ax.set_title(f"{label} — {a}")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        with files.atomic_write(os.path.join(workdir, "plots", f"{key}.png")) as f:
+            fig.savefig(f, dpi=80, format="png")
+        plt.close(fig)
+
+
+def write_sample_grids(workdir: str, rows, per_cell: int = 4):
+    """plots/samples_<method>.png: for the first subject, one row of generated images per setting x attack."""
+    done = [r for r in rows if r.get("status") == "done"]
+    if not done:
+        return
+    subject = done[0]["subject"]
+    for method in dict.fromkeys(r["method"] for r in done):
+        tiles = []
+        for r in done:
+            if r["subject"] != subject or r["method"] != method:
+                continue
+            sample_dir = os.path.join(workdir, "cells", subject, method, slug(r["setting"]), r["attack"], "samples")
+            imgs = []
+            for root, _, names in sorted(os.walk(sample_dir)):
+                imgs += [os.path.join(root, f) for f in sorted(names) if f.endswith(".png")]
+            row = [np.asarray(Image.open(p).convert("RGB")) for p in imgs[:per_cell]]
+            if row:
+                row = same_size(row)
+                tiles += row + [np.full_like(row[0], 255)] * (per_cell - len(row))
+        if tiles:
+            tiles = same_size(tiles)
+            data_lib.save_image_atomic(os.path.join(workdir, "plots", f"samples_{slug(method)}.png"),
+                                       data_lib.make_grid(np.stack(tiles), ncol=per_cell))

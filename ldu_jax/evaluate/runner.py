@@ -1,0 +1,270 @@
+"""From clean photos to the papers' results table: protect -> purify -> personalize -> generate -> measure.
+
+    python -m ldu_jax.cli.evaluate --config=configs/eval_tiny.py --workdir=runs/eval
+
+Subjects follow the Anti-DreamBooth layout ``<root>/<subject>/{set_A,set_B,set_C}``: set_B is
+protected and given to the attack; the person's clean photos (``reference_sets``) are the identity
+reference. For every subject x method x setting x attack the runner protects set_B (once per
+subject and method), purifies it, runs Textual Inversion or DreamBooth on it, generates images and
+measures them. Work dir::
+
+    cells/<subject>/<method>/protected/          protected set_B (+ report.csv, protect.json)
+    cells/<subject>/<method>/<setting>/images/   purified images given to the attack
+    cells/<subject>/<method>/<setting>/<attack>/ the attack's run, samples/ and cell.json
+    results.csv  results.md  plots/*.png
+
+A finished cell (its cell.json) is served from cache on a rerun; a cell that failed or was skipped
+is retried; ``cached_only=True`` tabulates the cached cells of the grid and runs nothing (a grid run
+in parts). ISM drop: the clean photos' ISM (method and setting none, same subject and attack) minus
+the cell's. Bad input (a subject without set_B, a missing metric model, photos without faces) marks
+that cell or metric skipped with its reason and the rest goes on.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from ldu_jax import config_file, files, purify, sources
+from ldu_jax import data as data_lib
+from ldu_jax.errors import ConfigError
+from ldu_jax.evaluate.measure import Metrics, Skip, generation_metrics, imperceptibility
+from ldu_jax.evaluate.report import slug, with_ism_drop, write_results
+from ldu_jax.evaluate.subjects import find_subjects, read_images
+from ldu_jax.jobs import attack as attack_lib
+from ldu_jax.jobs import protect as protect_job
+
+
+class Runner:
+    """Runs and caches the cells of one evaluation config in one work dir; the models each cell
+    needs are loaded (and their programs compiled) once."""
+
+    def __init__(self, cfg, workdir: str, log=print):
+        self.cfg, self.workdir, self.log = cfg, workdir, log
+        self.metrics = Metrics(cfg, log)
+        self._purify_models = None
+        self._protectors = {}   # method -> (protect_batch, resolution): models loaded, programs compiled once
+        self._attacker = None
+
+    # -- protection
+    def method_config(self, method: str):
+        path = self.cfg.method_configs.get(method)
+        if not path:
+            raise Skip(f"no config for method {method!r} (config method_configs)")
+        cfg = config_file.load(path, self.cfg.method_overrides.get(method, {}))
+        if "sd" in cfg:
+            cfg.sd = self.cfg.sd
+        if "shortcut" in cfg and method.startswith("ldu"):
+            cfg.shortcut = self.cfg.shortcut
+        return cfg
+
+    def rho_checkpoint(self, cfg) -> str:
+        if self.cfg.rho_checkpoint:
+            return self.cfg.rho_checkpoint
+        workdir = os.path.join(self.workdir, "rho")
+        if self.cfg.rho_dataset:
+            cfg.dataset = self.cfg.rho_dataset
+        self.log(f"training ρ for the evaluation in {workdir} (resumes; set rho_checkpoint to reuse one)")
+        protect_job.train_rho(cfg, workdir, log=self.log)
+        return workdir
+
+    def protect(self, subject: str, method: str) -> tuple[str, dict]:
+        """(folder of the images given to the attack before purification, imperceptibility)."""
+        clean = os.path.join(self.cfg.data, subject, "set_B")
+        if method == "none":
+            return clean, {"n_protected": len(read_images(clean)[0]), "psnr": math.inf, "ssim": 1.0, "linf": 0.0}
+        base = os.path.join(self.workdir, "cells", subject, method)
+        out = os.path.join(base, "protected")
+        done = files.read_json(os.path.join(base, "protect.json"))
+        if done is not None:
+            return out, done
+        cfg = self.method_config(method)
+        if method not in self._protectors:
+            ckpt = self.rho_checkpoint(cfg) if method == "ldu" else None
+            self._protectors[method] = protect_job.make_protector(method, cfg, ckpt, self.log)
+        if os.path.isdir(out):
+            shutil.rmtree(out)  # a partial earlier attempt
+        rows = protect_job.protect_dir(method, cfg, None, clean, out, log=self.log, protector=self._protectors[method])
+        bad = [r["file"] for r in rows if r.get("error") or not r.get("budget_ok")]
+        if bad:
+            raise RuntimeError(f"{method} could not protect {', '.join(bad)} of {clean}")
+        stats = imperceptibility(clean, out, self.metrics)
+        files.write_json(os.path.join(base, "protect.json"), stats)
+        return out, stats
+
+    # -- purification
+    def purify(self, src: str, subject: str, method: str, setting: str) -> str:
+        s = purify.parse(setting)
+        if s.name == "none":
+            return src
+        out = os.path.join(self.workdir, "cells", subject, method, slug(s), "images")
+        if os.path.exists(os.path.join(out, ".done")):
+            return out
+        if s.name in purify.NEEDS_MODELS and self._purify_models is None:
+            self._purify_models = sources.diffusion_models(self.cfg.sd, self.cfg.shortcut or None, self.cfg.seed)
+        purify.purify_folder(s, src, out, self._purify_models if s.name in purify.NEEDS_MODELS else None,
+                             log=self.log)
+        open(os.path.join(out, ".done"), "w").close()
+        return out
+
+    # -- attack + measurement
+    def attack_config(self, attack: str):
+        path = self.cfg.attack_configs.get(attack)
+        if not path:
+            raise Skip(f"no config for attack {attack!r} (config attack_configs)")
+        cfg = config_file.load(path, self.cfg.attack_overrides.get(attack, {}))
+        cfg.model = self.cfg.sd
+        if "class_images_dir" in cfg and not cfg.class_images_dir:  # one prior set for every cell
+            cfg.class_images_dir = os.path.join(self.workdir, "class_images", attack)
+        cfg.num_samples = self.cfg.num_samples
+        cfg.seed = self.cfg.seed
+        return cfg
+
+    def attack(self, images_dirs, cell_dirs, attack: str, group_dir: str) -> list[list[np.ndarray]]:
+        """Each folder's generated images, the folders' attacks trained together (``run_many``)."""
+        cfg = self.attack_config(attack)
+        if self._attacker is None:
+            self._attacker = attack_lib.Attacker(self.cfg.sd)
+        keep = bool(self.cfg.keep_attack_models)
+        outs = self._attacker.run_many(attack, cfg, images_dirs, cell_dirs, group_dir, log=self.log, save_model=keep)
+        if not keep:  # DreamBooth's model/ is a full SD copy; the checkpoints hold the attack states
+            for d in [os.path.join(c, "checkpoints") for c in cell_dirs] + [group_dir]:
+                shutil.rmtree(d, ignore_errors=True)
+        return [[img for imgs in out.values() for img in imgs] for out in outs]
+
+    def cell(self, subject: str, method: str, setting: str, attack: str) -> dict:
+        return self.cells([subject], method, setting, attack)[0]
+
+    def cells(self, subjects, method: str, setting: str, attack: str) -> list[dict]:
+        """The cells of ``subjects`` under one (method, setting, attack): each protected, purified,
+        measured and cached on its own; their attacks trained as one program (``Attacker.run_many``).
+        A cell's ``time`` splits its seconds into phases, the shared attack's evenly."""
+        setting_name = str(purify.parse(setting))
+        rows, todo = [], []
+        for subject in subjects:
+            row = {"subject": subject, "method": method, "setting": setting_name, "attack": attack}
+            cell_dir = os.path.join(self.workdir, "cells", subject, method, slug(setting_name), attack)
+            cached = files.read_json(os.path.join(cell_dir, "cell.json"))
+            if cached is not None:
+                rows.append({**cached, "cached": True})
+                continue
+            rows.append(row)
+            if self.cfg.get("cached_only"):
+                row.update(status="skipped", reason="not run (cached_only)")
+                continue
+            t0, clock = time.time(), {}
+            try:
+                if not os.path.isdir(os.path.join(self.cfg.data, subject, "set_B")):
+                    raise Skip(f"{os.path.join(self.cfg.data, subject)} has no set_B")
+                prot_dir, stats = self.protect(subject, method)
+                row.update(stats)
+                clock["protect"] = time.time() - t0
+                images_dir = self.purify(prot_dir, subject, method, setting)
+                clock["purify"] = time.time() - t0 - clock["protect"]
+                todo.append((row, cell_dir, images_dir, time.time() - t0, clock))
+            except Exception as e:  # noqa: BLE001 - recorded in the row (see _failed)
+                self._failed(row, e)
+        if not todo:
+            return rows
+        t1 = time.time()
+        try:
+            group = os.path.join(self.workdir, "groups", method, slug(setting_name), attack,
+                                 "+".join(slug(r["subject"]) for r, *_ in todo))
+            generated = self.attack([t[2] for t in todo], [t[1] for t in todo], attack, group)
+        except Exception as e:  # noqa: BLE001
+            for row, *_ in todo:
+                self._failed(row, e)
+            return rows
+        share = (time.time() - t1) / len(todo)
+        for (row, cell_dir, _, before, clock), gen_images in zip(todo, generated):
+            t2 = time.time()
+            clock.update({k: v / len(todo) for k, v in self._attacker.timing.items()})
+            try:
+                gen = generation_metrics(gen_images, self.reference(row["subject"]), self.metrics,
+                                         self.other_references(row["subject"]))
+            except Exception as e:  # noqa: BLE001
+                self._failed(row, e)
+                continue
+            clock["metrics"] = time.time() - t2
+            row["notes"] = "; ".join(n for n in (row.get("notes", ""), gen.pop("notes")) if n)
+            row.update(gen)
+            row.update(status="done", reason="", seconds=before + share + clock["metrics"], time=clock)
+            files.write_json(os.path.join(cell_dir, "cell.json"), row)
+        return rows
+
+    def _failed(self, row: dict, e: Exception):
+        """A skipped (``Skip``) or failed cell: recorded, logged, and the table goes on."""
+        row.update(status="skipped" if isinstance(e, Skip) else "failed",
+                   reason=str(e) if isinstance(e, Skip) else f"{type(e).__name__}: {e}")
+        self.log(f"{row['subject']} / {row['method']} / {row['setting']} / {row['attack']}: {row['status']}: "
+                 f"{row['reason']}")
+
+    def reference(self, subject: str):
+        """The subject's clean photos: the identity reference (ISM) and FID(gen)'s reference set."""
+        ref = []
+        for s in self.cfg.reference_sets:
+            folder = os.path.join(self.cfg.data, subject, s)
+            if os.path.isdir(folder):
+                ref += read_images(folder)[1]
+        if not ref:
+            raise Skip(f"{subject}: no clean reference photos in {', '.join(self.cfg.reference_sets)}")
+        return ref
+
+    def other_references(self, subject: str) -> list:
+        """The other subjects' clean photo sets (for ISM(others)) when ``cfg.ism_others`` is on."""
+        out = []
+        for other in find_subjects(self.cfg.data) if self.cfg.ism_others else ():
+            if other != subject:
+                try:
+                    out.append(self.reference(other))
+                except (Skip, data_lib.DataError):   # an incomplete subject is no one's reference
+                    pass
+        return out
+
+
+def cells_of(cfg, workdir: str) -> list[tuple]:
+    """The evaluation's (subject, method, setting, attack) cells; writes generated subjects
+    ('demo:N', 'miniworld:N': ``sources.subjects``) into ``workdir`` and points ``cfg.data`` at them."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg.data = sources.subjects(cfg.data, workdir, cfg.demo_size)
+    subjects = find_subjects(cfg.data, tuple(cfg.subjects))
+    return [(s, m, st, a) for s in subjects for m in cfg.methods for st in cfg.settings for a in cfg.attacks]
+
+
+def subject_groups(cells, size: int):
+    """(subjects, method, setting, attack): the cells of one (method, setting, attack), ``size``
+    subjects at a time (their attacks train as one program), in the order the cells come."""
+    if size < 1:
+        raise ConfigError(f"config subject_batch must be >= 1, got {size}")
+    by = {}
+    for subject, *rest in cells:
+        by.setdefault(tuple(rest), []).append(subject)
+    for rest, subjects in by.items():
+        for i in range(0, len(subjects), size):
+            yield (subjects[i:i + size], *rest)
+
+
+def run(cfg, workdir: str, log=print) -> list[dict]:
+    """Every cell of the evaluation; writes results.csv, results.md and plots/ into ``workdir``."""
+    cells = cells_of(cfg, workdir)
+    runner = Runner(cfg, workdir, log)
+    done = {}
+    bar = tqdm(total=len(cells), desc="evaluate", unit="cell")
+    for subjects, *rest in subject_groups(cells, int(cfg.get("subject_batch", 1))):
+        bar.set_postfix_str("/".join(rest)[:60])
+        for s, row in zip(subjects, runner.cells(subjects, *rest)):
+            done[(s, *rest)] = row
+        bar.update(len(subjects))
+    bar.close()
+    rows = [done[c] for c in cells]
+    rows = with_ism_drop(rows)
+    write_results(workdir, rows, cfg)
+    n_cached = sum(bool(r.get("cached")) for r in rows)
+    counts = {k: sum(r["status"] == k for r in rows) for k in ("done", "skipped", "failed")}
+    log(f"{len(rows)} cells: {counts['done']} done ({n_cached} from cache), {counts['skipped']} skipped, "
+        f"{counts['failed']} failed -> {os.path.join(workdir, 'results.md')}")
+    return rows
