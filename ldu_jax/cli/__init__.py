@@ -17,7 +17,6 @@ from ldu_jax import config_file
 from ldu_jax.errors import UserError
 
 
-
 def _clean(e) -> str:
     return re.sub(r"\s+", " ", str(e).encode().decode("unicode_escape")).strip(" '\"")
 
@@ -31,6 +30,12 @@ def define_config(name: str, default: str | None, help_text: str):
     from ml_collections import config_flags
     if default:
         default = config_file.resolve(default)   # a built-in default works from any directory
+    for i, arg in enumerate(sys.argv):          # so does --config=configs/<file>.py (the console scripts)
+        if arg.startswith(f"--{name}="):
+            path, sep, rest = arg.split("=", 1)[1].partition(":")
+            if not os.path.isfile(config_file.resolve(path)):
+                sys.exit(f"error: --{name}: config file {path} does not exist")
+            sys.argv[i] = f"--{name}={config_file.resolve(path)}{sep}{rest}"
     try:
         return config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
     except (AttributeError, KeyError) as e:
@@ -66,7 +71,11 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
 def run(main):
     """``app.run(main)`` with clean messages for bad flags and for a ``UserError`` raised by main,
-    and the persistent compilation cache on (``enable_compilation_cache``)."""
+    and the persistent compilation cache on (``enable_compilation_cache``). ``--help`` prints the
+    command module's docstring (absl prints ``__main__``'s, which a console script lacks)."""
+    entry = sys.modules.get("__main__")
+    if entry is not None and not entry.__doc__:
+        entry.__doc__ = sys.modules[main.__module__].__doc__
 
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
