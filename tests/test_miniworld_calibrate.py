@@ -71,6 +71,15 @@ def test_gates_pass_and_fail_on_the_stated_thresholds():
     only_none = [r for r in rows if r["setting"] == "none"]
     names = {x["gate"] for x in calibrate.gates(only_none)}
     assert "AdvDM 8/255: ISM cut / clean gap" in names and not any("cut after" in n for n in names)
+    # with the identity part: the real photos' ratio (the clean gate's ceiling) and the share of their gap
+    assert not any(n.startswith("(") for n in names)
+    ident = {"clean": {"ism": 0.8, "ism_others": 0.2}}
+    g = {x["gate"]: x for x in calibrate.gates(rows, identity=ident)}
+    assert g["(real photos: own ISM / others, the ratio's ceiling)"]["value"] == pytest.approx(4.0)
+    assert g["(clean DreamBooth: own - others, share of the real photos')"]["value"] == pytest.approx(0.5 / 0.6)
+    assert g["(real photos: own ISM / others, the ratio's ceiling)"]["threshold"] is None
+    assert "| (real photos: own ISM / others, the ratio's ceiling) | 4.000 | – | – |" in calibrate.report(
+        {"gates": list(g.values())})
 
 
 def test_unknown_part_is_an_error_naming_it(tmp_path):

@@ -37,6 +37,7 @@ from scipy import ndimage
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import config_file, files, purify
 from ldu_jax import data as data_lib
+from ldu_jax.errors import ConfigError
 from ldu_jax.evaluate import runner
 from ldu_jax.jobs import attack as attack_lib
 from ldu_jax.miniworld import MODELS, identity, train_vae, world
@@ -201,7 +202,8 @@ def encoder_along_run(vae_workdir: str, style: str = "v2", n_images: int = 8, st
     for step in sorted(manager.all_steps()):
         state, meta = ckpt.restore_state(vae_workdir, step)
         if meta.get("kind") != "vae":
-            raise ValueError(f"{vae_workdir} is not a VAE run (its checkpoint says kind={meta.get('kind')!r})")
+            raise ckpt.CheckpointMismatchError(f"{vae_workdir} is not a VAE run (its checkpoint says "
+                                               f"kind={meta.get('kind')!r})")
         size = int(meta["data_shape"][0])
         vae = vae_lib.VAE(train_vae.make_vae_module(ml_collections.ConfigDict(meta["model"])), None)
         x = np.stack([world.render(h, 0, size, np.uint8, style=style, sensor_noise=sensor_noise)
@@ -316,9 +318,13 @@ def gate_config(models: str, subjects: int, max_steps: int, eval_config: str = "
     return c
 
 
-def gates(rows, encoder: dict | None = None) -> list[dict]:
+def gates(rows, encoder: dict | None = None, identity: dict | None = None) -> list[dict]:
     """The calibration gates from evaluation rows (``evaluate.run``'s) and the encoder part:
-    [{gate, value, threshold, passed}], values averaged over subjects."""
+    [{gate, value, threshold, passed}], values averaged over subjects. With the identity part, two
+    rows more, for reading the clean gate (threshold None: no gate): the real photos' own / others
+    ratio (the most the identity model lets any generator reach: its ISM between different people
+    is not ~0 as ArcFace's is) and the share of the real photos' own-minus-others gap that clean
+    DreamBooth recovers."""
     def cell(method, setting, key):
         v = [r.get(key) for r in rows if r.get("status") == "done" and r["method"] == method
              and r["setting"] == setting and r["attack"] == "dreambooth"]
@@ -333,6 +339,12 @@ def gates(rows, encoder: dict | None = None) -> list[dict]:
     gap = own - others
     out.append({"gate": "clean DreamBooth: own ISM / others", "value": own / others if others > 0 else float("inf"),
                 "threshold": 5.0, "passed": own >= 5 * others})
+    if identity and "clean" in identity:
+        real_own, real_others = identity["clean"]["ism"], identity["clean"]["ism_others"]
+        out.append({"gate": "(real photos: own ISM / others, the ratio's ceiling)", "value": real_own / real_others,
+                    "threshold": None, "passed": None})
+        out.append({"gate": "(clean DreamBooth: own - others, share of the real photos')",
+                    "value": gap / (real_own - real_others), "threshold": None, "passed": None})
     for method, label in (("advdm", "AdvDM 8/255"), ("aspl", "ASPL eps 0.05")):
         cut = {s: cell("none", s, "ism") - cell(method, s, "ism") for s in ("none", "JPEG 75", "blur σ=1")}
         out.append({"gate": f"{label}: ISM cut / clean gap", "value": cut["none"] / gap, "threshold": 0.4,
@@ -354,7 +366,7 @@ def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int =
     """Run the parts (each cached in ``<workdir>/calibrate.json``); returns every result."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        raise ValueError(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
+        raise ConfigError(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "calibrate.json")
     res = files.read_json(path) or {}
@@ -374,7 +386,7 @@ def calibrate(workdir: str, models: str = MODELS, parts=PARTS, n_subjects: int =
         else:
             cfg = gate_config(models, n_subjects, attack_steps, settings=gate_settings)
             rows = runner.run(cfg, os.path.join(workdir, "gates"), log=log)
-            res[part] = gates(rows, res.get("encoder"))
+            res[part] = gates(rows, res.get("encoder"), res.get("identity"))
             res["gates_setup"] = {"subjects": int(n_subjects), "dreambooth_steps": int(attack_steps)}
         files.write_json(path, res)
     return res
@@ -415,6 +427,7 @@ def report(res: dict) -> str:
         if g:
             lines += [f"gates: {g['subjects']} held-out subjects, DreamBooth {g['dreambooth_steps']} steps", ""]
         lines += ["| gate | value | threshold | passed |", "|---|---|---|---|"]
-        lines += [f"| {g['gate']} | {g['value']:.3f} | {g['threshold']:.3f} | {'yes' if g['passed'] else 'NO'} |"
-                  for g in res["gates"]]
+        lines += [f"| {g['gate']} | {g['value']:.3f} | "
+                  + ("– | – |" if g["threshold"] is None else
+                     f"{g['threshold']:.3f} | {'yes' if g['passed'] else 'NO'} |") for g in res["gates"]]
     return "\n".join(lines)
