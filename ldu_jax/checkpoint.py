@@ -108,7 +108,7 @@ def export(workdir: str, out_dir: str, keys, step: int | None = None) -> int:
     state, meta = restore_state(workdir, step)
     missing = [k for k in keys if k not in state]
     if missing:
-        raise KeyError(f"checkpoint in {workdir} has no {', '.join(missing)} (it has {', '.join(state)})")
+        raise errors.MissingKeyError(f"checkpoint in {workdir} has no {', '.join(missing)} (it has {', '.join(state)})")
     step = int(np.asarray(state["step"])) if "step" in state else int(make_manager(workdir).latest_step())
     manager = make_manager(out_dir, keep=1)
     save(manager, step, {k: state[k] for k in keys}, meta)

@@ -20,3 +20,17 @@ class MissingError(UserError, FileNotFoundError):
 
 class FileFormatError(UserError, ValueError):
     """A file the user named exists but is not what it should be (wrong format, wrong contents)."""
+
+
+class RefusedError(UserError, PermissionError, ValueError):
+    """A file the user named that we will not read without their say-so: a pickle (unpickling can run
+    code from the file) without ``allow_pickle`` / ``--allow_pickle`` / ``LDU_JAX_ALLOW_PICKLE=1``.
+    Also a ``ValueError``, as the SD weights' refusal of a ``.bin`` was one."""
+
+
+class MissingKeyError(UserError, KeyError):
+    """A file or work dir the user named that lacks an entry it should hold (a checkpoint without
+    the state key asked for). Printed as its message, not quoted as a ``KeyError`` would be."""
+
+    def __str__(self):
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()

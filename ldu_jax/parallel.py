@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ldu_jax.errors import ConfigError
+
 AXIS = "data"
 SUBJECTS = "subjects"   # the evaluation's subject axis (attacks of several subjects in one program)
 
@@ -31,7 +33,7 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     multi-host TPU slice), ``on`` or ``off``. Call before any other JAX work. Returns whether it did.
     """
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"config.distributed must be 'auto', 'on' or 'off', got {mode!r}")
+        raise ConfigError(f"config.distributed must be 'auto', 'on' or 'off', got {mode!r}")
     wanted = mode == "on" or (mode == "auto" and _multihost_env())
     if wanted:
         jax.distributed.initialize()
@@ -84,7 +86,7 @@ def fsdp_spec(shape, itemsize: int, n: int, min_bytes: int) -> P:
 def state_shardings(abstract_state, mesh: Mesh, mode: str, min_bytes: int = 4 * 2 ** 20):
     """A pytree of NamedShardings for a (jax.eval_shape'd) train state."""
     if mode not in ("dp", "fsdp"):
-        raise ValueError(f"config.sharding must be 'dp' or 'fsdp', got {mode!r}")
+        raise ConfigError(f"config.sharding must be 'dp' or 'fsdp', got {mode!r}")
     n = mesh.devices.size
 
     def one(leaf):

@@ -33,8 +33,7 @@ from ldu_jax.models.dit import dit_from_config
 from ldu_jax.shortcut import trainer
 
 
-class PickleRefusedError(errors.UserError, PermissionError):
-    """Unpickling was not allowed (it can run code from the file)."""
+PickleRefusedError = errors.RefusedError   # the shared class; this name is kept for callers
 
 
 class WorkdirInUseError(errors.UserError, FileExistsError):
@@ -86,7 +85,7 @@ def load_pickle(path: str, allow_pickle: bool = False) -> dict:
     one). Refuses unless ``allow_pickle``: unpickling can run code from the file."""
     path = find_checkpoint(path)
     if not allow_pickle:
-        raise PickleRefusedError(
+        raise errors.RefusedError(
             f"{path} is a pickle; unpickling can run arbitrary code from the file. Pass allow_pickle=True "
             "(--allow_pickle on the command line) only for files you trust.")
     if not _is_pickle(path):

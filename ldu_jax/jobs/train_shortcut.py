@@ -11,6 +11,7 @@ from jax.experimental import multihost_utils
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
 from ldu_jax import loop, parallel, sources
+from ldu_jax.errors import ConfigError
 from ldu_jax.metrics import fid
 from ldu_jax.models.dit import dit_from_config
 from ldu_jax.sd import vae as vae_lib
@@ -66,7 +67,7 @@ def train(config, workdir: str, log=print):
     mesh = parallel.make_mesh()
     n_dev, n_proc = jax.device_count(), jax.process_count()
     if config.batch_size % n_dev:
-        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices")
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices")
     local_batch = config.batch_size // n_proc
     os.makedirs(workdir, exist_ok=True)
 
@@ -146,8 +147,8 @@ def load_fid_reference(config):
     if not config.get("fid_every"):
         return None
     if not config.fid_stats or not config.fid_weights:
-        raise ValueError("config.fid_every needs config.fid_stats (reference .npz, e.g. from "
-                         "`python -m ldu_jax.cli.fid stats`) and config.fid_weights (Inception weights)")
+        raise ConfigError("config.fid_every needs config.fid_stats (reference .npz, e.g. from "
+                          "`python -m ldu_jax.cli.fid stats`) and config.fid_weights (Inception weights)")
     return (fid.load_weights(config.fid_weights),) + tuple(fid.load_stats(config.fid_stats))
 
 

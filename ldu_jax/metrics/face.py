@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from ldu_jax.errors import ConfigError
 from ldu_jax.metrics.image import as_images
 
 DLIB_INSTALL = 'pip install dlib-bin face-recognition-models'
@@ -153,7 +154,7 @@ def load_face_model(backend: str = 'dlib', **options) -> FaceModel:
             return InsightFaceArcFace(**options)
         raise ImportError("backend='arcface' needs deepface (pip install deepface) or insightface "
                           "(pip install insightface onnxruntime); neither is installed")
-    raise ValueError(f"unknown face backend {backend!r}: expected 'dlib' or 'arcface'")
+    raise ConfigError(f"unknown face backend {backend!r}: expected 'dlib' or 'arcface'")
 
 
 def _model(model, backend):

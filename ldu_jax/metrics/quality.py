@@ -33,6 +33,7 @@ import pickle
 import numpy as np
 from scipy import ndimage, optimize, special
 
+from ldu_jax.errors import MissingError
 from ldu_jax.metrics.image import as_images
 
 BRISQUE_INSTALL = 'pip install --no-deps brisque==0.2.0'
@@ -214,7 +215,7 @@ def load_clip(source: str, allow_pickle: bool = False):
     folder = source if os.path.isdir(source) else _download_clip(source)
     path = os.path.join(folder, 'config.json')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{source}: no CLIP config ({path} not found)')
+        raise MissingError(f'{source}: no CLIP config ({path} not found)')
     with open(path) as f:
         model = clip.CLIPModel(clip.CLIPConfig.from_dict(json.load(f), path))
     shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))

@@ -37,6 +37,7 @@ from ldu_jax import checkpoint as ckpt
 from ldu_jax import data as data_lib
 from ldu_jax import files
 from ldu_jax import loop, parallel
+from ldu_jax.errors import ConfigError, MissingError
 from ldu_jax.miniworld.train_vae import data_stream
 from ldu_jax.personalize import common
 from ldu_jax.sd import clip_tokenizer
@@ -119,8 +120,8 @@ def make_sd(config, vae: vae_lib.VAE, tok) -> sdm.SD:
     resolution = int(config.resolution)
     latent_size = vae.latent_shape(resolution, "config.resolution")[0]
     if int(config.model.unet.latent_channels) != vae.latent_channels:
-        raise ValueError(f"config.model.unet.latent_channels={config.model.unet.latent_channels} but the VAE "
-                         f"has {vae.latent_channels} latent channels")
+        raise ConfigError(f"config.model.unet.latent_channels={config.model.unet.latent_channels} but the VAE "
+                          f"has {vae.latent_channels} latent channels")
     te = CLIPTextModel(CLIPTextConfig.from_dict(text_config(config.model.text, tok), "config.model.text"))
     unet = UNet(UNetConfig.from_dict(unet_config(config.model.unet, latent_size,
                                                  config.model.text.hidden_size), "config.model.unet"))
@@ -278,13 +279,13 @@ def export_bundle(config, workdir: str, vae_dir: str, out: str, step: int | None
     finished. Returns the step written."""
     tok_dir = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
-        raise FileNotFoundError(f"{workdir} is not a t2i run: no {tok_dir}/vocab.json")
+        raise MissingError(f"{workdir} is not a t2i run: no {tok_dir}/vocab.json")
     vae = vae_lib.load_vae(vae_dir)
     sd = make_sd(config, vae, load_tokenizer(tok_dir, config.model.text.max_length))
     if step is None:
         step = ckpt.make_manager(workdir).latest_step()
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}")
+            raise MissingError(f"no checkpoint in {workdir}")
     params, _ = ckpt.restore_params(workdir, ema=config.ema > 0, step=int(step))
     write_bundle(sd, vae.params, {k: params[k] for k in ("text_encoder", "unet")}, out)
     return int(step)

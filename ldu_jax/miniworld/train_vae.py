@@ -38,6 +38,7 @@ import optax
 
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import loop, parallel
+from ldu_jax.errors import ConfigError
 from ldu_jax.sd import vae as vae_lib
 from ldu_jax.sd.autoencoder import AutoencoderKL, VAEConfig
 from ldu_jax.shortcut.trainer import make_optimizer
@@ -142,7 +143,7 @@ def make_vae_step(module, tx, schedule, loss_cfg, seed: int, disc=None, disc_tx=
     With ``disc`` (and its optimizer ``disc_tx``) the adversarial terms switch on at
     ``loss_cfg.disc_start``, when the discriminator starts training too."""
     if loss_cfg.rec not in ("l1", "l2"):
-        raise ValueError(f"config.loss.rec must be 'l1' or 'l2', got {loss_cfg.rec!r}")
+        raise ConfigError(f"config.loss.rec must be 'l1' or 'l2', got {loss_cfg.rec!r}")
 
     def step(state: VAEState, images):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)

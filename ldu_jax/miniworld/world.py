@@ -37,6 +37,7 @@ import numpy as np
 
 from ldu_jax import data as data_lib
 from ldu_jax import files
+from ldu_jax.errors import ConfigError
 
 # -------------------------------------------------------------------------------- attributes
 
@@ -128,14 +129,14 @@ def make_identity(seed: int) -> Identity:
 def train_identities(n: int, seed: int = 0) -> list[Identity]:
     """``n`` training identities; their seeds never meet ``heldout_identities``' (any seeds)."""
     if n > HELDOUT_OFFSET:
-        raise ValueError(f"at most {HELDOUT_OFFSET} identities per seed, asked for {n}")
+        raise ConfigError(f"at most {HELDOUT_OFFSET} identities per seed, asked for {n}")
     return [make_identity(seed * BLOCK + TRAIN_BASE + i) for i in range(n)]
 
 
 def heldout_identities(n: int, seed: int = 0) -> list[Identity]:
     """``n`` held-out identities (for protection / personalization tests), disjoint from training."""
     if n > BLOCK - HELDOUT_OFFSET:
-        raise ValueError(f"at most {BLOCK - HELDOUT_OFFSET} identities per seed, asked for {n}")
+        raise ConfigError(f"at most {BLOCK - HELDOUT_OFFSET} identities per seed, asked for {n}")
     return [make_identity(seed * BLOCK + HELDOUT_OFFSET + i) for i in range(n)]
 
 
@@ -400,7 +401,7 @@ def _light(img, var: Variant, vignette: float = 0.0):
 
 def _check_style(style: str):
     if style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+        raise ConfigError(f"unknown style {style!r}; expected one of {STYLES}")
 
 
 def _value_noise(rng, size, cells):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldu_jax import dtypes
+from ldu_jax.errors import ConfigError
 
 Dtype = Any
 
@@ -187,7 +188,7 @@ class DiTBlock(nn.Module):
             y = jnp.einsum("bhqk,bhkc->bhqc", w, v)
             y = HeadDense(h, heads, to_heads=False, dtype=dt, name="Dense_4")(y)
         else:
-            raise ValueError(f"model.attention must be 'einsum' or 'xla', got {self.attention!r}")
+            raise ConfigError(f"model.attention must be 'einsum' or 'xla', got {self.attention!r}")
         x = x + gate_msa[:, None] * y
 
         xm = modulate(_layer_norm(dt, "LayerNorm_1")(x), shift_mlp, scale_mlp)
@@ -235,7 +236,7 @@ class DiT(nn.Module):
         b, size, _, _ = x.shape
         p = self.patch_size
         if size % p:
-            raise ValueError(f"image size {size} is not divisible by patch_size {p}")
+            raise ConfigError(f"image size {size} is not divisible by patch_size {p}")
         side = size // p
         if self.ignore_dt:
             dt = jnp.zeros_like(t)

@@ -13,6 +13,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ldu_jax.errors import ConfigError
+
 
 class _DoubleConv(nn.Module):
     features: int
@@ -38,10 +40,10 @@ class Perturber(nn.Module):
     @nn.compact
     def __call__(self, z, train: bool = False):
         if self.norm not in ("group", "batch"):
-            raise ValueError(f"perturber norm must be 'group' or 'batch', got {self.norm!r}")
+            raise ConfigError(f"perturber norm must be 'group' or 'batch', got {self.norm!r}")
         levels = len(self.widths)
         if z.shape[1] % 2 ** (levels - 1) or z.shape[2] % 2 ** (levels - 1):
-            raise ValueError(f"latent size {z.shape[1:3]} is not divisible by 2^{levels - 1} for {levels} levels")
+            raise ConfigError(f"latent size {z.shape[1:3]} is not divisible by 2^{levels - 1} for {levels} levels")
         skips, x = [], z
         for i, w in enumerate(self.widths):
             x = _DoubleConv(w, self.norm)(x, train)

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from ldu_jax import files
+from ldu_jax.errors import ConfigError
 from ldu_jax.personalize import common
 from ldu_jax.sd import models as sdm
 
@@ -60,7 +61,7 @@ def with_row(params, token_id: int, row):
 def template_ids(sd, token: str, templates) -> np.ndarray:
     if isinstance(templates, str):
         if templates not in TEMPLATES:
-            raise ValueError(f"unknown template set {templates!r}; one of {sorted(TEMPLATES)} or a list")
+            raise ConfigError(f"unknown template set {templates!r}; one of {sorted(TEMPLATES)} or a list")
         templates = TEMPLATES[templates]
     return sdm.tokenize(sd, [t.format(token) for t in templates])
 

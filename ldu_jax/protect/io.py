@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldu_jax import data, files
+from ldu_jax.errors import ConfigError
 from ldu_jax.metrics import image as metrics
 
 REPORT_NAME = 'report.csv'
@@ -57,7 +58,7 @@ class Budget:
         if self.kind not in ('mse', 'linf'):
             raise ValueError(f"budget kind must be 'mse' or 'linf', got {self.kind!r}")
         if not (math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f'budget eps must be finite and >= 0, got {self.eps!r}')
+            raise ConfigError(f'budget eps must be finite and >= 0, got {self.eps!r}')
 
     def measure_stats(self, st: DiffStats) -> float:
         """The budgeted distance from diff_stats."""
@@ -97,13 +98,13 @@ def check_dirs(input_dir, output_dir) -> None:
     if not inp.is_dir():
         raise data.DataError(f'input path {inp} is not a folder')
     if out.exists() and not out.is_dir():
-        raise ValueError(f'output path {out} exists and is not a folder')
+        raise ConfigError(f'output path {out} exists and is not a folder')
     rin, rout = inp.resolve(), out.resolve()
     if rout == rin:
-        raise ValueError(f'output folder {out} is the input folder {inp}: refusing to write there')
+        raise ConfigError(f'output folder {out} is the input folder {inp}: refusing to write there')
     if rin in rout.parents:
-        raise ValueError(f'output folder {out} is inside the input folder {inp} (inputs are listed '
-                         'recursively, so outputs would become inputs): choose a folder outside it')
+        raise ConfigError(f'output folder {out} is inside the input folder {inp} (inputs are listed '
+                          'recursively, so outputs would become inputs): choose a folder outside it')
 
 
 def output_names(paths) -> list[str]:
@@ -311,7 +312,7 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
     real_inputs = {os.path.realpath(p) for p in paths}
     for target in [out_dir / f'{n}.png' for n in names] + [out_dir / REPORT_NAME]:
         if os.path.realpath(target) in real_inputs:
-            raise ValueError(f'output {target} would overwrite an input file')
+            raise ConfigError(f'output {target} would overwrite an input file')
     out_dir.mkdir(parents=True, exist_ok=True)
     rel = {p: p.relative_to(root).as_posix() for p in paths}
     rows: dict[pathlib.Path, dict] = {}

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldu_jax.errors import ConfigError
 from ldu_jax.protect import shift_opt
 from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
@@ -107,7 +108,7 @@ def protect_images(models, params, x, cfg, shift=None, train: bool = False, late
     trip's reconstruction errors use none of the budget). ``latents``: ``prepare_latents(x)`` when
     the caller already has it (ldu-opt reuses it across its steps)."""
     if cfg.output not in ("decode", "residual"):
-        raise ValueError(f"config.output={cfg.output!r}: expected 'decode' or 'residual'")
+        raise ConfigError(f"config.output={cfg.output!r}: expected 'decode' or 'residual'")
     dec = functools.partial(vae_lib.decode, _vae(models))
     if cfg.remat:
         dec = jax.checkpoint(dec)
@@ -183,7 +184,7 @@ def distance(x_prot, x, kind: str = "mse"):
     if kind == "ssim":
         from ldu_jax.metrics.image import ssim
         return 1.0 - ssim((x_prot + 1) / 2, (x + 1) / 2)
-    raise ValueError(f"objective.distance must be 'mse' or 'ssim', got {kind!r}")
+    raise ConfigError(f"objective.distance must be 'mse' or 'ssim', got {kind!r}")
 
 
 CONSTRAINTS = ("project", "dual", "hinge")
@@ -193,12 +194,12 @@ def constrain(x_prot, x, cfg):
     """``constraint='project'``: each image's change scaled onto the budget, x + s (x' - x) with
     s = min(1, sqrt(eps / d)) (exact for the MSE distance, before uint8 rounding); otherwise x'."""
     if cfg.constraint not in CONSTRAINTS:
-        raise ValueError(f"config.constraint must be one of {CONSTRAINTS}, got {cfg.constraint!r}")
+        raise ConfigError(f"config.constraint must be one of {CONSTRAINTS}, got {cfg.constraint!r}")
     if cfg.constraint != "project":
         return x_prot
     if cfg.distance != "mse":
-        raise ValueError("constraint='project' needs distance='mse' (1 - SSIM does not scale with the "
-                         "change); use constraint='dual' or 'hinge' with distance='ssim'")
+        raise ConfigError("constraint='project' needs distance='mse' (1 - SSIM does not scale with the "
+                          "change); use constraint='dual' or 'hinge' with distance='ssim'")
     d = distance(x_prot, x)
     s = jnp.sqrt(cfg.eps / jnp.maximum(d, cfg.eps))   # = min(1, sqrt(eps / d)); no 0 x inf gradient at d -> 0
     return x + s.reshape(-1, 1, 1, 1) * (x_prot - x)
@@ -327,7 +328,7 @@ def optimize_shift(models, params, x, ti_ids, db_ids, key, cfg):
     ``opt_method='adam'``: Adam on the objective (``constraint``, ``opt_lr``); the last iterate.
     """
     if cfg.opt_method not in OPT_METHODS:
-        raise ValueError(f"config.opt_method must be one of {OPT_METHODS}, got {cfg.opt_method!r}")
+        raise ConfigError(f"config.opt_method must be one of {OPT_METHODS}, got {cfg.opt_method!r}")
     latents = prepare_latents(models, params, x, cfg)  # independent of δ: computed once
     zT = latents[1]
     if cfg.opt_method == "adam":
@@ -417,8 +418,8 @@ def placeholder_setup(sd, params, cfg):
         from ldu_jax.personalize import textual_inversion as ti
         embeds = ti.load_learned_embeds(cfg.learned_embeds)
         if cfg.placeholder_token not in embeds:
-            raise ValueError(f"{cfg.learned_embeds} has no embedding for {cfg.placeholder_token!r} "
-                             f"(it has {sorted(embeds)})")
+            raise ConfigError(f"{cfg.learned_embeds} has no embedding for {cfg.placeholder_token!r} "
+                              f"(it has {sorted(embeds)})")
         params = ti.with_row(params, token_id, jnp.asarray(embeds[cfg.placeholder_token]).reshape(-1))
     ids = sdm.tokenize(sd, [cfg.ti_prompt.format(cfg.placeholder_token), cfg.db_prompt])
     return sd, params, jnp.asarray(ids[0]), jnp.asarray(ids[1])

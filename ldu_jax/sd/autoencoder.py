@@ -82,24 +82,24 @@ class VAEConfig:
                 kept[k] = tuple(v) if isinstance(v, list) else v
             elif k in _FIXED:
                 if v != _FIXED[k]:
-                    raise ValueError(f"{where}: {k}={v!r} is not supported (only {_FIXED[k]!r})")
+                    raise ConfigError(f"{where}: {k}={v!r} is not supported (only {_FIXED[k]!r})")
             elif k in _FLOAT32_ONLY:
                 if v and jnp.dtype(dtype) != jnp.float32:
-                    raise ValueError(f"{where}: {k}={v!r} is honoured in float32 only, not {jnp.dtype(dtype)}")
+                    raise ConfigError(f"{where}: {k}={v!r} is honoured in float32 only, not {jnp.dtype(dtype)}")
             else:
-                raise ValueError(f"{where}: unknown config key {k!r} (= {v!r}); not supported")
+                raise ConfigError(f"{where}: unknown config key {k!r} (= {v!r}); not supported")
         config = cls(**kept)
         for k, supported in _BLOCKS.items():
             for name in getattr(config, k):
                 if name != supported:
-                    raise ValueError(f"{where}: block type {name!r} in {k} is not supported "
-                                     f"(supported: {supported})")
+                    raise ConfigError(f"{where}: block type {name!r} in {k} is not supported "
+                                      f"(supported: {supported})")
         n = len(config.block_out_channels)
         if not len(config.down_block_types) == len(config.up_block_types) == n:
             # diffusers would pair widths and blocks by index and resample at odd places
-            raise ValueError(f"{where}: down_block_types={config.down_block_types!r} and up_block_types="
-                             f"{config.up_block_types!r} need one block per entry of block_out_channels "
-                             f"({n}); not supported")
+            raise ConfigError(f"{where}: down_block_types={config.down_block_types!r} and up_block_types="
+                              f"{config.up_block_types!r} need one block per entry of block_out_channels "
+                              f"({n}); not supported")
         return config
 
 

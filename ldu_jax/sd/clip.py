@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldu_jax.errors import ConfigError
+
 Dtype = Any
 
 ACTIVATIONS = {
@@ -91,19 +93,19 @@ def _read(cls, cfg: dict, where: str, fixed: dict):
             continue
         elif k in fixed:
             if v != fixed[k]:
-                raise ValueError(f"{where}: {k}={v!r} is not supported (only {fixed[k]!r})")
+                raise ConfigError(f"{where}: {k}={v!r} is not supported (only {fixed[k]!r})")
         else:
-            raise ValueError(f"{where}: unknown config key {k!r} (= {v!r}); not supported")
+            raise ConfigError(f"{where}: unknown config key {k!r} (= {v!r}); not supported")
     return cls(**kept)
 
 
 def _checked_tower(config, where: str):
     if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{where}: hidden_act={config.hidden_act!r} is not supported "
-                         f"(supported: {', '.join(ACTIVATIONS)})")
+        raise ConfigError(f"{where}: hidden_act={config.hidden_act!r} is not supported "
+                          f"(supported: {', '.join(ACTIVATIONS)})")
     if config.hidden_size % config.num_attention_heads:
-        raise ValueError(f"{where}: hidden_size={config.hidden_size} is not a multiple of "
-                         f"num_attention_heads={config.num_attention_heads}")
+        raise ConfigError(f"{where}: hidden_size={config.hidden_size} is not a multiple of "
+                          f"num_attention_heads={config.num_attention_heads}")
     return config
 
 
@@ -157,8 +159,8 @@ class CLIPConfig:
             towers[name] = dict((cfg.get(name) or {}) if d is None else d)
         eos = towers["text_config"].pop("eos_token_id", _EOS_DEFAULT)
         if not isinstance(eos, int) or isinstance(eos, bool):
-            raise ValueError(f"{where}: text_config: eos_token_id={eos!r} is not supported (an int: the "
-                             "text features are pooled at that token)")
+            raise ConfigError(f"{where}: text_config: eos_token_id={eos!r} is not supported (an int: the "
+                              "text features are pooled at that token)")
         # the top level's own eos_token_id is PretrainedConfig's generic one (null), not used
         top = {k: v for k, v in cfg.items() if k not in towers and k not in _CLIP_IRRELEVANT and k not in (
             "text_config_dict", "vision_config_dict", "eos_token_id")}

@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 
+from ldu_jax.errors import MissingError
+
 VOCAB_FILES = ("vocab.json", "merges.txt")
 EOW = "</w>"
 
@@ -54,10 +56,10 @@ def missing_files(folder: str) -> list[str]:
 
 def load(folder: str, what: str = "tokenizer"):
     """The CLIPTokenizer of ``folder`` (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``);
-    a FileNotFoundError naming ``what`` and the missing files otherwise."""
+    a ``MissingError`` (a FileNotFoundError) naming ``what`` and the missing files otherwise."""
     missing = missing_files(folder)
     if missing:
-        raise FileNotFoundError(f"{what} lacks {' and '.join(missing)} (or a tokenizer.json): {folder}")
+        raise MissingError(f"{what} lacks {' and '.join(missing)} (or a tokenizer.json): {folder}")
     return tokenizer_class().from_pretrained(folder)
 
 

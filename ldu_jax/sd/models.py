@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldu_jax import files
+from ldu_jax.errors import ConfigError, MissingError
 from ldu_jax.sd import clip as clip_lib
 from ldu_jax.sd import clip_tokenizer
 from ldu_jax.sd import schedule as sch
@@ -134,7 +135,7 @@ def load_sd(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> tuple
     source = os.path.expanduser(source)
     if not os.path.isdir(source):
         if not weights.is_hub_id(source):
-            raise FileNotFoundError(f"SD folder {source} does not exist")
+            raise MissingError(f"SD folder {source} does not exist")
         source = weights.download(source, extra=("model_index.json", "scheduler/*.json", "tokenizer/*"))
     return _load_folder(source, dtype, allow_pickle)
 
@@ -145,12 +146,12 @@ def _load_folder(folder: str, dtype, allow_pickle: bool = False) -> tuple[SD, di
     for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         weights.require(os.path.join(folder, part), f"the '{part}' subfolder")
     cfg = {part: weights.read_config(os.path.join(folder, part), part) for part in ("vae", "unet", "text_encoder")}
-    ucfg = unet_lib.UNetConfig.from_dict(cfg["unet"], "unet/config.json")
-    ucfg.check_dtype(dtype, "unet/config.json")
-    vae = AutoencoderKL(VAEConfig.from_dict(cfg["vae"], "vae/config.json", dtype=dtype), dtype)
+    where = {part: os.path.join(folder, part, "config.json") for part in cfg}   # errors name the file
+    ucfg = unet_lib.UNetConfig.from_dict(cfg["unet"], where["unet"])
+    ucfg.check_dtype(dtype, where["unet"])
+    vae = AutoencoderKL(VAEConfig.from_dict(cfg["vae"], where["vae"], dtype=dtype), dtype)
     unet = unet_lib.UNet(ucfg, dtype)
-    te = clip_lib.CLIPTextModel(clip_lib.CLIPTextConfig.from_dict(cfg["text_encoder"], "text_encoder/config.json"),
-                                dtype)
+    te = clip_lib.CLIPTextModel(clip_lib.CLIPTextConfig.from_dict(cfg["text_encoder"], where["text_encoder"]), dtype)
 
     tok = clip_tokenizer.load(os.path.join(folder, "tokenizer"), "SD folder's tokenizer/")
     tok.model_max_length = min(tok.model_max_length, te.config.max_position_embeddings)
@@ -162,9 +163,9 @@ def _load_folder(folder: str, dtype, allow_pickle: bool = False) -> tuple[SD, di
     try:
         sch.make_schedule(sched)    # refuse what we cannot compute before loading any weights
     except ValueError as e:
-        raise ValueError(f"{sched_path}: {e}") from None
+        raise ConfigError(f"{sched_path}: {e}") from None
     if ucfg.sample_size is None:
-        raise ValueError(f"{folder}/unet/config.json: sample_size is needed (the model's resolution)")
+        raise ConfigError(f"{where['unet']}: sample_size is needed (the model's resolution)")
 
     key = jax.random.PRNGKey(0)
     shapes = {"vae": jax.eval_shape(vae.init_params, key), "unet": jax.eval_shape(unet.init_params, key),
@@ -205,12 +206,12 @@ def add_placeholder_token(sd: SD, params, token: str, init_word: str) -> tuple[S
     ``init_word``'s (which must be one token). Returns (new SD, new params, token id)."""
     tok = copy.deepcopy(sd.tokenizer)
     if token in tok.get_vocab() or len(tok.tokenize(token)) == 1:
-        raise ValueError(f"token {token!r} is already in the tokenizer")
+        raise ConfigError(f"token {token!r} is already in the tokenizer")
     init_ids = tok.encode(init_word, add_special_tokens=False)
     if len(init_ids) != 1:
-        raise ValueError(f"init word {init_word!r} is {len(init_ids)} tokens, needs to be exactly one")
+        raise ConfigError(f"init word {init_word!r} is {len(init_ids)} tokens, needs to be exactly one")
     if clip_tokenizer.add_token(tok, token) != 1:
-        raise ValueError(f"token {token!r} could not be added to the tokenizer")
+        raise ConfigError(f"token {token!r} could not be added to the tokenizer")
     new_id = tok.convert_tokens_to_ids(token)
 
     te_params = params["text_encoder"]

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldu_jax.errors import ConfigError
+
 # diffusers' DDIMScheduler.__init__ defaults (a test holds them to diffusers' signature)
 DDIM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                  "trained_betas": None, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
@@ -54,7 +56,7 @@ class Schedule:
 
 def _one_of(c, key, allowed):
     if c[key] not in allowed:
-        raise ValueError(f"scheduler config: unsupported {key} {c[key]!r} (supported: {', '.join(map(str, allowed))})")
+        raise ConfigError(f"scheduler config: unsupported {key} {c[key]!r} (supported: {', '.join(map(str, allowed))})")
 
 
 def _cosine_betas(t: int, max_beta: float = 0.999) -> np.ndarray:
@@ -81,13 +83,13 @@ def make_schedule(cfg: dict) -> Schedule:
                          ("timestep_spacing", TIMESTEP_SPACINGS)):
         _one_of(c, key, allowed)
     if c["thresholding"]:
-        raise ValueError("scheduler config: thresholding=true (dynamic thresholding, for pixel-space models) "
-                         "is not supported")
+        raise ConfigError("scheduler config: thresholding=true (dynamic thresholding, for pixel-space models) "
+                          "is not supported")
     t = int(c["num_train_timesteps"])
     if c["trained_betas"] is not None:
         betas = np.asarray(c["trained_betas"], np.float64)
         if betas.shape != (t,):
-            raise ValueError(f"scheduler config: trained_betas has {betas.size} values, num_train_timesteps is {t}")
+            raise ConfigError(f"scheduler config: trained_betas has {betas.size} values, num_train_timesteps is {t}")
     elif c["beta_schedule"] == "scaled_linear":
         betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, t, dtype=np.float64) ** 2
     elif c["beta_schedule"] == "linear":
@@ -143,7 +145,7 @@ def ddim_timesteps(sched: Schedule, steps: int) -> np.ndarray:
     """Descending DDIM timesteps, spaced as diffusers' ``timestep_spacing`` (Lin et al. 2024, table 2)."""
     t = sched.num_train_timesteps
     if not 1 <= steps <= t:
-        raise ValueError(f"{steps} DDIM steps: between 1 and the {t} training timesteps")
+        raise ConfigError(f"{steps} DDIM steps: between 1 and the {t} training timesteps")
     if sched.timestep_spacing == "linspace":
         ts = np.linspace(0, t - 1, steps).round()[::-1]
     elif sched.timestep_spacing == "leading":

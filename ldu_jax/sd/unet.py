@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldu_jax.errors import ConfigError
+
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
@@ -89,15 +91,15 @@ class UNetConfig:
                 continue
             if k in FIXED:
                 if v != FIXED[k]:
-                    raise ValueError(f"{where}: {k}={v!r} is not supported (only {FIXED[k]!r})")
+                    raise ConfigError(f"{where}: {k}={v!r} is not supported (only {FIXED[k]!r})")
             elif k in fields:
                 kw[k] = v
             else:
-                raise ValueError(f"{where}: unknown config key {k!r} (= {v!r}); not supported")
+                raise ConfigError(f"{where}: unknown config key {k!r} (= {v!r}); not supported")
         try:
             return cls(**kw)
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):    # JSON lists -> tuples (hashable: a static jit argument)
@@ -106,7 +108,7 @@ class UNetConfig:
                 object.__setattr__(self, f.name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
 
         def refuse(key, why):
-            raise ValueError(f"{key}={getattr(self, key)!r} is not supported ({why})")
+            raise ConfigError(f"{key}={getattr(self, key)!r} is not supported ({why})")
 
         if not (isinstance(self.block_out_channels, tuple) and self.block_out_channels
                 and all(map(_is_int, self.block_out_channels))):
@@ -117,8 +119,8 @@ class UNetConfig:
             names = getattr(self, key)
             for name in names if isinstance(names, tuple) else (names,):
                 if name not in allowed:
-                    raise ValueError(f"block type {name!r} in {key} is not supported "
-                                     f"(supported: {', '.join(map(str, allowed))})")
+                    raise ConfigError(f"block type {name!r} in {key} is not supported "
+                                      f"(supported: {', '.join(map(str, allowed))})")
             if isinstance(names, tuple) and len(names) != n:
                 refuse(key, f"one per entry of block_out_channels, {n}")
         for key in ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups"):
@@ -156,7 +158,7 @@ class UNetConfig:
         """upcast_attention only changes PyTorch's half-precision attention: in float32 it is the
         same function; in lower precision we refuse it rather than compute something else."""
         if self.upcast_attention and jnp.dtype(dtype) != jnp.float32:
-            raise ValueError(f"{where}: upcast_attention=true is honoured in float32 only, not {jnp.dtype(dtype)}")
+            raise ConfigError(f"{where}: upcast_attention=true is honoured in float32 only, not {jnp.dtype(dtype)}")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -380,7 +382,7 @@ class UNet(nn.Module):
         n = len(c.block_out_channels)
         b, h, w, _ = sample.shape
         if h % 2 ** (n - 1) or w % 2 ** (n - 1):
-            raise ValueError(f"sample of {h}x{w} is not a multiple of {2 ** (n - 1)} (one halving per down block)")
+            raise ConfigError(f"sample of {h}x{w} is not a multiple of {2 ** (n - 1)} (one halving per down block)")
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = TimestepEmbedding(4 * c.block_out_channels[0], self.dtype, name="time_embedding")(temb)

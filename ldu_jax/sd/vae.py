@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ldu_jax import files
+from ldu_jax.errors import MissingError
 from ldu_jax.sd import weights
 from ldu_jax.sd.autoencoder import AutoencoderKL, VAEConfig
 
@@ -61,7 +62,7 @@ def load_vae(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> VAE:
     source = os.path.expanduser(source)
     if not os.path.isdir(source):
         if not weights.is_hub_id(source):
-            raise FileNotFoundError(f"VAE folder {source} does not exist")
+            raise MissingError(f"VAE folder {source} does not exist")
         source = weights.download(source, parts=("", "vae"))
     if os.path.isdir(os.path.join(source, "vae")):
         source = os.path.join(source, "vae")

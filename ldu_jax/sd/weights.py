@@ -19,6 +19,7 @@ from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ldu_jax import files
+from ldu_jax.errors import FileFormatError, MissingError, RefusedError
 from ldu_jax.sd import convert
 
 # (Flax msgpack name, weight file stems) per part; the first stem is the one we write
@@ -32,7 +33,7 @@ FILES = {
 
 def require(path: str, what: str) -> str:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"SD folder lacks {what}: {path} not found")
+        raise MissingError(f"SD folder lacks {what}: {path} not found")
     return path
 
 
@@ -70,8 +71,8 @@ def find(part_dir: str, part: str) -> tuple[str, str]:
         path = os.path.join(part_dir, name)
         if os.path.isfile(path):
             return kind, path
-    raise FileNotFoundError(f"SD folder lacks weights for '{part}': none of "
-                            f"{', '.join(n for _, n in cands)} in {part_dir}")
+    raise MissingError(f"SD folder lacks weights for '{part}': none of "
+                       f"{', '.join(n for _, n in cands)} in {part_dir}")
 
 
 def read_torch_state(kind: str, path: str, allow_pickle: bool) -> dict:
@@ -88,9 +89,9 @@ def read_torch_state(kind: str, path: str, allow_pickle: bool) -> dict:
         from safetensors.numpy import load_file
         return load_file(path)
     if not (allow_pickle or os.environ.get("LDU_JAX_ALLOW_PICKLE") == "1"):
-        raise ValueError(f"{path} is a PyTorch pickle (.bin): unpickling can run code from the file. Convert it "
-                         "to .safetensors, or, for a file you trust, pass allow_pickle=True to load_sd (commands: "
-                         "set LDU_JAX_ALLOW_PICKLE=1)")
+        raise RefusedError(f"{path} is a PyTorch pickle (.bin): unpickling can run code from the file. Convert it "
+                           "to .safetensors, or, for a file you trust, pass allow_pickle=True to load_sd (commands: "
+                           "set LDU_JAX_ALLOW_PICKLE=1)")
     try:
         import torch
     except ImportError as e:
@@ -114,7 +115,7 @@ def load(part_dir: str, part: str, shapes: dict, allow_pickle: bool = False) -> 
 
 def onto(state: dict, shapes: dict, where: str = "weights") -> dict:
     """A PyTorch state dict on ``shapes``: every parameter present with its shape and nothing else,
-    or a ValueError (starting with ``where``) naming what is unexpected, missing or misshapen.
+    or a ``FileFormatError`` (a ValueError starting with ``where``) naming what is unexpected, missing or misshapen.
     float32 jnp leaves."""
     tree, extra = convert.torch_to_flax(state, shapes)
     return _checked(flatten_dict(tree), extra, shapes, where)
@@ -122,16 +123,16 @@ def onto(state: dict, shapes: dict, where: str = "weights") -> dict:
 
 def _checked(got: dict, extra: list, shapes: dict, where: str) -> dict:
     if extra:   # weights of something the model does not build: it would compute another function
-        raise ValueError(f"{where}: {len(extra)} unexpected parameters, e.g. " + ", ".join(extra[:5]))
+        raise FileFormatError(f"{where}: {len(extra)} unexpected parameters, e.g. " + ", ".join(extra[:5]))
     want = flatten_dict(shapes)
     missing = [k for k in want if k not in got]
     if missing:
-        raise ValueError(f"{where}: {len(missing)} parameters missing, e.g. " + ", ".join("/".join(k) for k in missing[:5]))
+        raise FileFormatError(f"{where}: {len(missing)} parameters missing, e.g. " + ", ".join("/".join(k) for k in missing[:5]))
     out = {}
     for k, spec in want.items():
         a = np.asarray(got[k])
         if a.shape != spec.shape:
-            raise ValueError(f"{where}: parameter {'/'.join(k)} has shape {a.shape}, expected {spec.shape}")
+            raise FileFormatError(f"{where}: parameter {'/'.join(k)} has shape {a.shape}, expected {spec.shape}")
         out[k] = jnp.asarray(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating)
                              or a.dtype.name == "bfloat16" else a)
     return unflatten_dict(out)

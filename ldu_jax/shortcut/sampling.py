@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldu_jax.errors import ConfigError
+
 
 def _check_steps(steps: int):
     if steps < 1 or 2 ** int(np.log2(steps)) != steps:
-        raise ValueError(f"the number of steps must be a power of two (1, 2, 4, ...), got {steps}")
+        raise ConfigError(f"the number of steps must be a power of two (1, 2, 4, ...), got {steps}")
 
 
 def guided_velocity(apply_fn, params, x, t, dt_base, labels, cfg_scale, null_label):

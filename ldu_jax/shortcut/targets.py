@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldu_jax.errors import ConfigError
+
 SIGMA_MIN = 1e-5
 
 
@@ -46,7 +48,7 @@ def _forced(value, forced):
 def _log2(n: int) -> int:
     k = int(np.log2(n))
     if 2 ** k != n:
-        raise ValueError(f"denoise_timesteps must be a power of two, got {n}")
+        raise ConfigError(f"denoise_timesteps must be a power of two, got {n}")
     return k
 
 
@@ -152,5 +154,5 @@ TARGETS = {"shortcut": shortcut_targets, "naive": naive_targets}
 
 def get_targets(train_type: str):
     if train_type not in TARGETS:
-        raise ValueError(f"config.model.train_type must be one of {sorted(TARGETS)}, got {train_type!r}")
+        raise ConfigError(f"config.model.train_type must be one of {sorted(TARGETS)}, got {train_type!r}")
     return TARGETS[train_type]

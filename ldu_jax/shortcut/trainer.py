@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldu_jax.errors import ConfigError
 from ldu_jax.shortcut.targets import get_targets
 
 
@@ -28,7 +29,7 @@ def make_optimizer(optim_cfg, max_steps: int):
         schedule = (optax.linear_schedule(0.0, optim_cfg.lr, optim_cfg.warmup) if optim_cfg.warmup > 0
                     else optax.constant_schedule(optim_cfg.lr))
     else:
-        raise ValueError(f"config.optim.schedule must be 'constant' or 'cosine', got {optim_cfg.schedule!r}")
+        raise ConfigError(f"config.optim.schedule must be 'constant' or 'cosine', got {optim_cfg.schedule!r}")
     adamw = optax.adamw(schedule, b1=optim_cfg.beta1, b2=optim_cfg.beta2, weight_decay=optim_cfg.weight_decay)
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw) if optim_cfg.grad_clip > 0 else adamw
     return tx, schedule

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from ldu_jax import data as data_lib
+from ldu_jax.errors import ConfigError, MissingError
 from ldu_jax.personalize import dreambooth
 from ldu_jax.sd import models as sdm
 
@@ -22,7 +23,7 @@ SD_PARTS = ("vae", "unet", "text_encoder")
 def base_config(method: str) -> ml_collections.ConfigDict:
     """Defaults shared by every baseline config (``configs/protect_<method>_*.py`` override them)."""
     if method not in METHODS:
-        raise ValueError(f"unknown baseline {method!r}; one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown baseline {method!r}; one of {', '.join(METHODS)}")
     c = ml_collections.ConfigDict()
     c.method = method
     c.seed = 0
@@ -65,21 +66,21 @@ def config_name(method: str) -> str:
 
 def check_config(method: str, cfg) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown baseline {method!r}; one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown baseline {method!r}; one of {', '.join(METHODS)}")
     got = cfg.get("method")
     if got != method:
-        raise ValueError(f"--method={method} needs a baseline config for it (e.g. "
-                         f"configs/protect_{config_name(method)}_tiny.py), got one for {got or 'LDU'!r}")
+        raise ConfigError(f"--method={method} needs a baseline config for it (e.g. "
+                          f"configs/protect_{config_name(method)}_tiny.py), got one for {got or 'LDU'!r}")
     if not (0 < cfg.eps <= 1 and cfg.step_size > 0):
-        raise ValueError(f"eps must be in (0, 1] and step_size > 0 ([0, 1] units), got {cfg.eps}, {cfg.step_size}")
+        raise ConfigError(f"eps must be in (0, 1] and step_size > 0 ([0, 1] units), got {cfg.eps}, {cfg.step_size}")
     if cfg.step_decay not in ("none", "linear"):
-        raise ValueError(f"step_decay must be 'none' or 'linear', got {cfg.step_decay!r}")
+        raise ConfigError(f"step_decay must be 'none' or 'linear', got {cfg.step_decay!r}")
     if cfg.pid_loss not in ("add-log", "mean", "var"):
-        raise ValueError(f"pid_loss must be 'add-log', 'mean' or 'var', got {cfg.pid_loss!r}")
+        raise ConfigError(f"pid_loss must be 'add-log', 'mean' or 'var', got {cfg.pid_loss!r}")
     if cfg.n_draws < 1:
-        raise ValueError(f"n_draws must be >= 1, got {cfg.n_draws}")
+        raise ConfigError(f"n_draws must be >= 1, got {cfg.n_draws}")
     if method == "mist" and cfg.target == "zero":
-        raise ValueError("mist needs a target image ('pattern' or a path), not 'zero'")
+        raise ConfigError("mist needs a target image ('pattern' or a path), not 'zero'")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -103,7 +104,7 @@ def target_image(spec: str, resolution: int) -> np.ndarray | None:
         return pattern_image(resolution)[None]
     path = os.path.expanduser(spec)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"target image {spec} does not exist (or use 'pattern' / 'zero')")
+        raise MissingError(f"target image {spec} does not exist (or use 'pattern' / 'zero')")
     return data_lib.load_image(path, resolution)[None]
 
 
@@ -120,8 +121,8 @@ def prepare(method: str, sd, params, cfg, resolution: int, log=print) -> dict:
     if method in ("aspl", "fsmg") and cfg.surrogate.prior_weight > 0:
         s = cfg.surrogate
         if not s.class_dir:
-            raise ValueError(f"{method} with surrogate.prior_weight > 0 needs --config.surrogate.class_dir=DIR "
-                             f"(images of {s.class_prompt!r}; missing ones are generated with the model)")
+            raise ConfigError(f"{method} with surrogate.prior_weight > 0 needs --config.surrogate.class_dir=DIR "
+                              f"(images of {s.class_prompt!r}; missing ones are generated with the model)")
         gen_cfg = ml_collections.ConfigDict({
             "num_class_images": s.num_class_images, "class_prompt": s.class_prompt, "class_steps": s.class_steps,
             "class_guidance": s.class_guidance, "seed": cfg.seed})
