@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldu_jax import files
-from ldu_jax.errors import FileFormatError
+from ldu_jax.errors import ConfigError, FileFormatError
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 
@@ -116,27 +116,26 @@ def report_bad(bad, total: int, log: Callable[[str], None] = print) -> None:
 
 
 class ImageFolder:
-    """The images of one folder, this host's share, as an infinite deterministic batch stream.
+    """The images of one folder as an infinite deterministic stream of global batches, of which
+    this host decodes and yields its rows only.
 
-    Files are decoded lazily (per batch) and, with `cache`, kept in memory. Files that fail
-    to decode are remembered in `bad`, logged once, and replaced in batches by the next
-    usable file of the epoch's permutation.
+    Every host lists the folder and draws the same permutations, so global batch k is the same
+    whatever the number of hosts; host i of n yields rows [i * B / n, (i + 1) * B / n) of it and
+    reads only their files. Files are decoded lazily (per batch) and, with `cache`, kept in
+    memory. Files that fail to decode are remembered in `bad`, logged once, and replaced in
+    batches by the next usable file of the epoch's permutation.
     """
 
     def __init__(self, root, size: int, *, process_index: int = 0, process_count: int = 1,
                  cache: bool = True, log: Callable[[str], None] = print):
         self.root = pathlib.Path(root)
         self.size = size
-        self.process_index = process_index
+        self.process_index, self.process_count = process_index, process_count
         self.cache = cache
         self._log = log
         self._bad: dict[pathlib.Path, str] = {}
         self._images: dict[pathlib.Path, np.ndarray] = {}
-        all_paths = list_images(self.root)
-        self.paths = all_paths[process_index::process_count]
-        if not self.paths:
-            raise DataError(f'{self.root}: {len(all_paths)} images, none for process '
-                            f'{process_index} of {process_count}')
+        self.paths = list_images(self.root)
         if not any(self._get(p) is not None for p in self.paths):  # stops at the first usable file
             raise DataError(f'no usable images under {self.root}: all {len(self._bad)} files '
                             f'failed to decode (first: {next(iter(self._bad.values()))})')
@@ -165,21 +164,25 @@ class ImageFolder:
         return img
 
     def _epoch(self, seed: int, epoch: int):
-        rng = np.random.default_rng([seed, epoch, self.process_index])
+        rng = np.random.default_rng([seed, epoch, 0])   # one permutation for every host
         n = len(self.paths)
         return rng.permutation(n), rng.random(n) < 0.5
 
     def batches(self, batch_size: int, seed: int, *, flip: bool = True,
                 start_step: int = 0) -> Iterator[np.ndarray]:
-        """Yield batches start_step, start_step+1, ...; batch k depends only on (seed, k, process_index).
+        """This host's rows of global batches start_step, start_step+1, ... of ``batch_size``
+        images; global batch k depends only on (seed, k).
 
         Sample i = k * batch_size + j is position i % n of epoch i // n's permutation.
         """
+        local = local_rows(batch_size, self.process_count)
+        first = self.process_index * local
         n = len(self.paths)
         epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for step in _count(start_step):
-            out = np.empty((batch_size, self.size, self.size, 3), np.float32)
-            for j in range(batch_size):
+            out = np.empty((local, self.size, self.size, 3), np.float32)
+            for row in range(local):
+                j = first + row
                 epoch, pos = divmod(step * batch_size + j, n)
                 if epoch not in epochs:
                     epochs = {e: v for e, v in epochs.items() if e >= epoch - 1}
@@ -189,8 +192,15 @@ class ImageFolder:
                     img = self._get(self.paths[perm[(pos + t) % n]])
                     if img is not None:
                         break
-                out[j] = img[:, ::-1] if flip and flips[pos] else img
+                out[row] = img[:, ::-1] if flip and flips[pos] else img
             yield out
+
+
+def local_rows(batch_size: int, process_count: int) -> int:
+    """Rows of a global batch of ``batch_size`` on each of ``process_count`` hosts."""
+    if batch_size % process_count:
+        raise ConfigError(f"the batch size {batch_size} must be divisible by the {process_count} processes")
+    return batch_size // process_count
 
 
 def _count(start: int) -> Iterator[int]:
@@ -199,9 +209,12 @@ def _count(start: int) -> Iterator[int]:
         start += 1
 
 
-def synthetic_batches(batch_size: int, size: int, channels: int, seed: int,
-                      start_step: int = 0) -> Iterator[np.ndarray]:
-    """Infinite stream of smooth random images in [-1, 1]; batch k depends only on (seed, k)."""
+def synthetic_batches(batch_size: int, size: int, channels: int, seed: int, start_step: int = 0, *,
+                      process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
+    """Infinite stream of smooth random images in [-1, 1]: this host's rows of global batches of
+    ``batch_size``; global batch k depends only on (seed, k)."""
+    local = local_rows(batch_size, process_count)
+    rows = slice(process_index * local, (process_index + 1) * local)
     coords = np.linspace(0.0, 1.0, size, endpoint=False)
     yy, xx = np.meshgrid(coords, coords, indexing='ij')
     terms = 4
@@ -212,7 +225,7 @@ def synthetic_batches(batch_size: int, size: int, channels: int, seed: int,
         phase = rng.uniform(0, 2 * np.pi, shape)
         amp = rng.uniform(0.2, 1.0, shape)
         waves = amp * np.sin(2 * np.pi * (fx * xx[..., None, None] + fy * yy[..., None, None]) + phase)
-        yield (waves.sum(-1) / amp.sum(-1)).astype(np.float32)
+        yield (waves.sum(-1) / amp.sum(-1)).astype(np.float32)[rows]
 
 
 def to_uint8(array) -> np.ndarray:

@@ -26,18 +26,38 @@ def _multihost_env() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def maybe_initialize_distributed(mode: str = "auto") -> bool:
-    """Call ``jax.distributed.initialize()`` for multi-host runs.
+MODES = ("auto", "on", "off")
 
-    mode: ``auto`` (when the environment names a coordinator, a multi-task Slurm/MPI job, or a
-    multi-host TPU slice), ``on`` or ``off``. Call before any other JAX work. Returns whether it did.
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"config.distributed must be 'auto', 'on' or 'off', got {mode!r}")
-    wanted = mode == "on" or (mode == "auto" and _multihost_env())
-    if wanted:
-        jax.distributed.initialize()
-    return wanted
+
+def initialize(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0,
+               process_id: int = -1) -> bool:
+    """Start the multi-host runtime (``jax.distributed.initialize``): the one start-up path of
+    every command (``ldu_jax.cli`` calls it before the command's main, from its flags), before any
+    other JAX work. Returns whether this is a distributed run.
+
+    ``mode``: ``auto`` (when a coordinator address is given, or the environment names one, a
+    multi-task Slurm / MPI job or a multi-host TPU slice), ``on`` or ``off``. A TPU pod slice,
+    Slurm and MPI need no other argument; a plain set of machines gives ``coordinator_address``
+    (host:port of process 0), ``num_processes`` and this ``process_id`` (0 and -1: from the
+    environment). Calling it again is a no-op."""
+    if mode not in MODES:
+        raise ConfigError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off" or not (mode == "on" or coordinator_address or _multihost_env()):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator_address and (num_processes < 1 or not 0 <= process_id < num_processes):
+        raise ConfigError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
+                          f"--process_id in [0, num_processes), got {num_processes} and {process_id}")
+    kw = dict(coordinator_address=coordinator_address or None, num_processes=num_processes or None,
+              process_id=None if process_id < 0 else process_id)
+    jax.distributed.initialize(**kw)
+    return True
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+    """``initialize(mode)`` from the environment alone (a config's ``distributed`` key)."""
+    return initialize(mode)
 
 
 def make_mesh(devices=None) -> Mesh:

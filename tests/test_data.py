@@ -165,12 +165,30 @@ def test_flip_happens(tmp_path):
     assert all(any(np.array_equal(img, o) for o in originals) for img in no_flip)
 
 
-def test_process_slices_disjoint_and_cover(tmp_path):
+def test_hosts_yield_their_rows_of_the_same_global_batches(tmp_path):
+    """2 hosts: each yields its half of every global batch, the halves side by side are the
+    1-host batches, and each host decodes only the files of its rows."""
     for i in range(7):
         Image.new('RGB', (4, 4), (i * 30, 0, 0)).save(tmp_path / f'{i}.png')
-    parts = [ImageFolder(tmp_path, 4, process_index=r, process_count=2).paths for r in (0, 1)]
-    assert not set(parts[0]) & set(parts[1])
-    assert sorted(parts[0] + parts[1]) == list_images(tmp_path)
+    one = ImageFolder(tmp_path, 4, cache=False, log=lambda s: None)
+    hosts = [ImageFolder(tmp_path, 4, process_index=r, process_count=2, cache=True, log=lambda s: None)
+             for r in (0, 1)]
+    for k, whole in enumerate(itertools.islice(one.batches(6, seed=3), 4)):
+        halves = [next(h.batches(6, seed=3, start_step=k)) for h in hosts]
+        assert halves[0].shape == (3, 4, 4, 3)
+        np.testing.assert_array_equal(np.concatenate(halves), whole)
+        assert not np.array_equal(halves[0], halves[1])
+    # host 1 decoded only files drawn for its rows (and the first usable one, checked at start-up)
+    hosts[1]._images.clear()
+    next(hosts[1].batches(6, seed=3))
+    assert len(hosts[1]._images) <= 3
+    with pytest.raises(ValueError, match="divisible by the 2 processes"):
+        next(hosts[0].batches(5, seed=3))
+    # synthetic images likewise
+    whole = next(synthetic_batches(4, 8, 3, seed=1, start_step=2))
+    halves = [next(synthetic_batches(4, 8, 3, seed=1, start_step=2, process_index=r, process_count=2))
+              for r in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
 
 
 def test_synthetic_batches():

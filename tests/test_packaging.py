@@ -48,4 +48,4 @@ def test_the_cli_modules_import_no_command_from_another():
         if f.endswith(".py") and f != "__init__.py":
             src = open(os.path.join(ROOT, "ldu_jax", "cli", f)).read()
             assert "from ldu_jax.cli." not in src and "import ldu_jax.cli." not in src, f
-    importlib.import_module("ldu_jax.cli")   # the plumbing alone defines no flags
+    importlib.import_module("ldu_jax.cli")   # the plumbing imports (its flags: the multi-host start-up)

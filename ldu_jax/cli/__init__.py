@@ -1,7 +1,9 @@
 """The commands (``python -m ldu_jax.cli.<command>``, or the ``ldu-*`` console scripts), and their
 shared plumbing: config flags, the compilation cache, user errors reported in one line.
 
-Each command module is thin: it defines its flags and calls one library function. A
+Each command module is thin: it defines its flags and calls one library function; the flags
+here (``--distributed``, ``--coordinator_address``, ``--num_processes``, ``--process_id``) start the
+multi-host runtime for every command. A
 ``errors.UserError`` (bad path, file, config key or value) ends the command with ``error: <message>``
 and exit status 1; any other exception is a bug and keeps its traceback.
 """
@@ -13,8 +15,16 @@ import sys
 
 from absl import app, flags, logging
 
-from ldu_jax import config_file
+from ldu_jax import config_file, parallel
 from ldu_jax.errors import UserError
+
+# Every command runs on one host or many: these start the multi-host runtime (parallel.initialize)
+# before the command's main. TPU pod slices, Slurm and MPI need none of them.
+flags.DEFINE_enum("distributed", "auto", list(parallel.MODES),
+                  "multi-host start-up: auto (from the environment or --coordinator_address), on, off")
+flags.DEFINE_string("coordinator_address", "", "a plain set of machines: host:port of process 0")
+flags.DEFINE_integer("num_processes", 0, "with --coordinator_address: how many processes in all")
+flags.DEFINE_integer("process_id", -1, "with --coordinator_address: this process's id, 0 .. num_processes - 1")
 
 
 def _clean(e) -> str:
@@ -79,8 +89,10 @@ def run(main):
 
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-        enable_compilation_cache()
+        f = flags.FLAGS
         try:
+            parallel.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+            enable_compilation_cache()
             return main(argv)
         except UserError as e:
             sys.exit(f"error: {e}")

@@ -22,16 +22,18 @@ TrainingDiverged = loop.TrainingDiverged
 
 
 def pixel_batches(config, start_step: int, local_batch: int, log=print):
-    """(iterator of (images [-1,1] NHWC, labels), close_fn) for this host, batch k = f(seed, k)."""
+    """(iterator of (images [-1,1] NHWC, labels), close_fn): this host's rows of the global batches,
+    global batch k = f(seed, k) whatever the number of hosts (tfds: this host's shard)."""
     pi, pc = jax.process_index(), jax.process_count()
     ds = config.dataset
     if ds == "synthetic":
-        it = data_lib.synthetic_batches(local_batch, config.image_size, 3, config.seed * 1000 + pi, start_step)
+        it = data_lib.synthetic_batches(config.batch_size, config.image_size, 3, config.seed * 1000, start_step,
+                                        process_index=pi, process_count=pc)
         return ((x, np.zeros(local_batch, np.int32)) for x in it), lambda: None
     if ds.startswith("tfds:"):
         return _tfds_batches(ds[5:], config, local_batch, pi, pc), lambda: None
     folder = data_lib.ImageFolder(ds, config.image_size, process_index=pi, process_count=pc, log=log)
-    it = folder.batches(local_batch, config.seed, flip=config.random_flip, start_step=start_step)
+    it = folder.batches(config.batch_size, config.seed, flip=config.random_flip, start_step=start_step)
 
     def close():
         if folder.bad:
@@ -168,8 +170,9 @@ def fid_scores(config, model, vae, params, data_shape, ref) -> dict:
 
 
 def write_samples(config, model, vae, params, data_shape, workdir, step):
-    """PNG grids of EMA-model samples from fixed noise at each of ``config.sample_steps``."""
-    for k in config.sample_steps:
+    """PNG grids of EMA-model samples from fixed noise at each of ``config.sample_steps`` (none
+    with ``num_samples`` 0)."""
+    for k in config.sample_steps if config.num_samples else ():
         x = generate(config, model, vae, params, data_shape, config.num_samples, k, config.seed + 2)
         n = config.num_samples
         if jax.process_index() == 0:
