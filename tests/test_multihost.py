@@ -83,3 +83,20 @@ def test_two_processes_train_the_shortcut_model_as_one(shortcut_runs):
     # 6 AdamW steps (configs/shortcut_tiny.py: lr 1e-3) from the same initial weights, gradients
     # reduced over 8 devices in another grouping: the DiT's forward and backward, ~60 layers deep
     assert_adam_close(pb, pa, lr=1e-3, steps=6, depth=60)
+
+
+def test_a_single_process_command_refuses_to_run_as_one_of_many(tmp_path):
+    """perturb.py does not split its work across hosts yet: started as 2 processes it stops with one
+    line on each, instead of two hosts each protecting (or training on) everything."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "perturb.py", "apply", "--method=ldu-opt", "--config=configs/ldu_tiny.py",
+                               f"--input={tmp_path}/in", f"--output={tmp_path}/out",
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
+        assert len(lines) == 1 and "runs in one process for now" in lines[0]
+    assert not os.path.exists(tmp_path / "out")

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from ldu_jax import config_file, parallel
@@ -71,7 +72,6 @@ def enable_compilation_cache(path: str | None = None) -> str:
     same protection on new photos) loads its programs instead of compiling them: ``path``, else
     $LDU_JAX_COMPILE_CACHE, else ~/.cache/ldu_jax/xla; '' turns it off. Returns the folder used.
     JAX's own settings apply (e.g. JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, 1 s by default)."""
-    import jax
     if path is None:
         path = os.environ.get(CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "ldu_jax", "xla"))
     if path and not jax.config.jax_compilation_cache_dir:   # a cache set by the caller wins
@@ -79,9 +79,10 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return jax.config.jax_compilation_cache_dir or ""
 
 
-def run(main):
+def run(main, multihost: bool = False):
     """``app.run(main)`` with clean messages for bad flags and for a ``UserError`` raised by main,
-    and the persistent compilation cache on (``enable_compilation_cache``). ``--help`` prints the
+    and the persistent compilation cache on (``enable_compilation_cache``). ``multihost``: the
+    command runs across several processes (others refuse to start as one of many). ``--help`` prints the
     command module's docstring (absl prints ``__main__``'s, which a console script lacks)."""
     entry = sys.modules.get("__main__")
     if entry is not None and not entry.__doc__:
@@ -91,7 +92,10 @@ def run(main):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         f = flags.FLAGS
         try:
-            parallel.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+            if parallel.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id) \
+                    and not multihost and jax.process_count() > 1:
+                raise UserError(f"{os.path.basename(sys.argv[0])} runs in one process for now (across hosts: "
+                                "train.py); start it without --coordinator_address / --distributed=on")
             enable_compilation_cache()
             return main(argv)
         except UserError as e:
