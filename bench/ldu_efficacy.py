@@ -109,7 +109,8 @@ def main():
     print(f"{args.images} {args.set} portraits (seed {args.seed}), budget PSNR >= {10 * np.log10(4 / c.eps):.2f} dB "
           f"on the written uint8 image, {args.draws} shared draws per surrogate")
     print(f"clean L_TI {clean['TI'].mean():.4f}, L_DB {clean['DB'].mean():.4f}")
-    head = f"{'method':12} {'PSNR dB':>14} {'in [36,37]':>10} {'SSIM':>6} {'TI gain %':>14} {'DB gain %':>14} {'s/img':>8}"
+    head = (f"{'method':12} {'PSNR dB':>14} {'in [36,37]':>10} {'SSIM':>6} {'TI gain %':>14} {'DB gain %':>14} "
+            f"{'s/img':>8}")
     print(head + "\n" + "-" * len(head), flush=True)
     for m in args.methods.split(","):
         prot, secs = protectors[m]()(xj)

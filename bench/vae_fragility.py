@@ -1,11 +1,12 @@
 """What makes a VAE as fragile as Stable Diffusion's KL-f8 under PhotoGuard's encoder attack?
 
 Trains factor-8 VAE variants (``configs/miniworld_vae.py:v2`` with one change each to the model,
-the loss or the portraits it learns: ``VARIANTS``) and runs ``calibrate.encoder_attack`` (eps 0.06 in [-1, 1]) at every kept checkpoint,
-on held-out portraits drawn like the training data. Prints one row per (variant, step): the
-round-trip PSNR of clean and attacked photos and the drop (issue 17's gate 1 asks >= 10 dB), how
-far the attack moves the latent (relative) and that over the relative pixel change (amplification),
-and the posterior's std over the latents' std (how much noise the decoder learned to ignore).
+the loss or the portraits it learns: ``VARIANTS``) and runs ``calibrate.encoder_attack`` (eps 0.06
+in [-1, 1]) at every kept checkpoint, on held-out portraits drawn like the training data. Prints one
+row per (variant, step): the round-trip PSNR of clean and attacked photos and the drop (issue 17's
+gate 1 asks >= 10 dB), how far the attack moves the latent (relative) and that over the relative
+pixel change (amplification), and the posterior's std over the latents' std (how much noise the
+decoder learned to ignore).
 
     python bench/vae_fragility.py --workdir=/tmp/frag                        # every variant, 64 px
     python bench/vae_fragility.py --workdir=/tmp/frag --variants=base,clean --size=128 --steps=3000

@@ -24,7 +24,8 @@ def get_config():
     c.distance = "mse"             # 'mse' (on [-1, 1] images) or 'ssim' (1 - SSIM)
     c.eps = (8 / 255) ** 2         # MSE budget on [-1, 1]: PSNR 36.1 dB on [0, 1]
     c.constraint = "project"       # 'project': each image's change scaled onto the budget (x + s (x' - x));
-                                   # 'dual': the paper's Lagrangian, λ <- clip(λ + lam_lr clip(d/eps - 1, ±1), 0, lam_max);
+                                   # 'dual': the paper's Lagrangian,
+                                   #   λ <- clip(λ + lam_lr clip(d/eps - 1, ±1), 0, lam_max);
                                    # 'hinge': the public code's fixed hinge_weight x relu(d/eps - 1)
     c.lam_init = 0.0
     c.lam_lr = 0.5

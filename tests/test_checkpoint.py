@@ -42,8 +42,8 @@ def official_ckpt(tmp_path_factory):
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), z, z, z.astype(jnp.int32))["params"]
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(3), 2 * len(leaves))
-    to_np = lambda ks: tree.unflatten([np.asarray(0.1 * jax.random.normal(k, l.shape))  # noqa: E731
-                                       for k, l in zip(ks, leaves)])
+    to_np = lambda ks: tree.unflatten([np.asarray(0.1 * jax.random.normal(k, leaf.shape))  # noqa: E731
+                                       for k, leaf in zip(ks, leaves)])
     p = to_np(keys[:len(leaves)])
     opt_state = jax.tree_util.tree_map(np.asarray, optax.adamw(1e-4).init(p))
     ts = {"params": p, "params_ema": to_np(keys[len(leaves):]), "opt_state": opt_state, "step": np.asarray(123)}

@@ -155,7 +155,8 @@ def test_clip_iqa_scores_parity(torch, clips, name):
     # two cosines after the towers, each moving a score by <= logit scale / 4
     tol = assert_f32_close(scores, ref, depth=DEPTH, scale=float(tm.logit_scale.exp()) / 2)
     # ...while the images resized bilinearly instead of bicubically are far off (30x and 460x here)
-    bilinear = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, resample=2)  # PIL bilinear
+    bilinear = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                                  resample=2)  # PIL bilinear
     with torch.no_grad():
         out = tm(input_ids=t.input_ids, attention_mask=t.attention_mask,
                  pixel_values=bilinear(imgs, return_tensors="pt").pixel_values)

@@ -25,7 +25,7 @@ def model_params():
     # Random values everywhere (the zero-initialised layers would hide most of the maths).
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-    params = tree.unflatten([0.2 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+    params = tree.unflatten([0.2 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
     return model, params
 
 

@@ -173,7 +173,8 @@ def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):
 
 def test_subject_groups_split_by_cell_kind_and_size():
     cells = [(s, m, "none", "ti") for s in ("a", "b", "c") for m in ("none", "ldu")]
-    assert list(evaluate.subject_groups(cells, 2)) == [(["a", "b"], "none", "none", "ti"), (["c"], "none", "none", "ti"),
+    assert list(evaluate.subject_groups(cells, 2)) == [(["a", "b"], "none", "none", "ti"),
+                                                      (["c"], "none", "none", "ti"),
                                                       (["a", "b"], "ldu", "none", "ti"), (["c"], "ldu", "none", "ti")]
     assert [g[0] for g in evaluate.subject_groups(cells, 1)] == [["a"], ["b"], ["c"]] * 2
     with pytest.raises(ValueError, match="subject_batch"):
@@ -205,7 +206,8 @@ def test_subjects_attacked_together_match_one_at_a_time(tmp_path, monkeypatch):
     for subject in ("subject_0", "subject_1"):
         samples = [os.path.join(tmp_path, f"w{size}", "cells", subject, "none", "none", "ti", "samples")
                    for size in (1, 2)]
-        files = sorted(os.path.join(d, f) for d in os.listdir(samples[0]) for f in os.listdir(os.path.join(samples[0], d)))
+        files = sorted(os.path.join(d, f) for d in os.listdir(samples[0])
+                       for f in os.listdir(os.path.join(samples[0], d)))
         assert len(files) == 2 * len(c_prompts(c))
         for f in files:
             a, b = (np.asarray(Image.open(os.path.join(s, f)), int) for s in samples)

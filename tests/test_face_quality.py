@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-skimage_data = pytest.importorskip('skimage.data')
-
 from ldu_jax.metrics import face, quality
 from numerics import assert_f32_close
+
+skimage_data = pytest.importorskip('skimage.data')
 
 
 @pytest.fixture(scope='module')

@@ -31,7 +31,7 @@ def setup():
     # a DiT whose flow is not the identity (random final layer), so invert/denoise do real work
     leaves, tree = jax.tree_util.tree_flatten(params["dit"])
     keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
-    params["dit"] = tree.unflatten([l + 0.02 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+    params["dit"] = tree.unflatten([leaf + 0.02 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
     tx = ldu.make_rho_optimizer(c)
     state = ldu.init_rho_state(models, tx, jax.random.PRNGKey(0), shape, c)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, res, res, 3)).astype(np.float32))
@@ -73,7 +73,8 @@ def test_rho_at_init_gives_the_plain_reconstruction(setup):
 def test_projection_puts_each_image_within_the_budget(setup):
     c, models, params, ti_ids, db_ids, shape, state, x = setup
     rng = np.random.default_rng(3)
-    change = jnp.asarray(rng.normal(size=x.shape).astype(np.float32)) * jnp.asarray([1.0, 0.1, 0.01, 0.0]).reshape(-1, 1, 1, 1)
+    change = (jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+              * jnp.asarray([1.0, 0.1, 0.01, 0.0]).reshape(-1, 1, 1, 1))
     out = ldu.constrain(x + change, x, c)
     d = np.asarray(ldu.distance(out, x))
     d_in = np.asarray(ldu.distance(x + change, x))
@@ -257,7 +258,8 @@ def test_ldu_opt_returns_a_feasible_image_no_worse_than_no_shift(setup):
 def test_rho_step_on_8_devices_equals_1_device(setup):
     c, models, params, ti_ids, db_ids, shape, state, x = setup
     x = jnp.concatenate([x, x[:, ::-1]])  # 8 images, one per device
-    c = cfg(ti_weight=0.0, lam_init=1.0, constraint="dual")  # the data-parallel machinery, without the UNet's compile cost
+    # the data-parallel machinery, without the UNet's compile cost
+    c = cfg(ti_weight=0.0, lam_init=1.0, constraint="dual")
     tx = ldu.make_rho_optimizer(c)
     outs = []
     for devices in (jax.devices()[:1], jax.devices()):

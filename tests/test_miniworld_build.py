@@ -62,4 +62,5 @@ def json_free_images(w):
     import numpy as np
     from PIL import Image
     folder = os.path.join(w, "data", "heldout", "subject_0", "set_A")
-    return np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")) for f in sorted(os.listdir(folder))[:2]])
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
+                     for f in sorted(os.listdir(folder))[:2]])

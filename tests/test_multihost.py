@@ -89,8 +89,8 @@ def test_a_single_process_command_refuses_to_run_as_one_of_many(tmp_path):
     """perturb.py does not split its work across hosts yet: started as 2 processes it stops with one
     line on each, instead of two hosts each protecting (or training on) everything."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "perturb.py", "apply", "--method=ldu-opt", "--config=configs/ldu_tiny.py",
-                               f"--input={tmp_path}/in", f"--output={tmp_path}/out",
+    procs = [subprocess.Popen([sys.executable, "perturb.py", "apply", "--method=ldu-opt",
+                               "--config=configs/ldu_tiny.py", f"--input={tmp_path}/in", f"--output={tmp_path}/out",
                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
                               cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

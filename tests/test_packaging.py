@@ -1,7 +1,8 @@
 """The installable package: every console script of pyproject.toml names a command module's
-``main``, every command module has one."""
+``main``, every command module has one; the source passes pyproject.toml's lint (ruff)."""
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -49,3 +50,12 @@ def test_the_cli_modules_import_no_command_from_another():
             src = open(os.path.join(ROOT, "ldu_jax", "cli", f)).read()
             assert "from ldu_jax.cli." not in src and "import ldu_jax.cli." not in src, f
     importlib.import_module("ldu_jax.cli")   # the plumbing imports (its flags: the multi-host start-up)
+
+
+def test_lint_is_clean():
+    """``ruff check .`` from the repository root passes (pyproject.toml [tool.ruff]: E, F, W at 120
+    columns; ruff is pinned in requirements-test.txt)."""
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is not installed: pip install -r requirements-test.txt"
+    r = subprocess.run([ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

@@ -106,7 +106,8 @@ def test_loads_without_torch_quietly(torch_models):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from ldu_jax.sd import models\n"
             "sd, _ = models.load_sd(sys.argv[1]); print('LOADED', sd.scheduler['prediction_type'])\n"
-            "print('MODELS', [m for m in sys.modules if m.startswith(('diffusers', 'transformers.models.clip.modeling'))])\n"
+            "print('MODELS', [m for m in sys.modules if m.startswith(('diffusers', "
+            "'transformers.models.clip.modeling'))])\n"
             "try: models.load_sd(sys.argv[2], allow_pickle=True)\n"
             "except ImportError as e: print('BIN-ERROR', e)\n")
     env = dict(os.environ, USE_TORCH="0", JAX_PLATFORMS="cpu",
@@ -203,7 +204,8 @@ def test_unexpected_or_float16_only_weights_refuse_to_load(torch_models, tmp_pat
     state = load_file(path)
     state["down_blocks.0.attentions.0.extra_norm.weight"] = np.ones(4, np.float32)
     save_file(state, path)
-    with pytest.raises(ValueError, match=r"unet: 1 unexpected parameters, e.g. down_blocks\.0\.attentions\.0\.extra_norm"):
+    with pytest.raises(ValueError,
+                       match=r"unet: 1 unexpected parameters, e.g. down_blocks\.0\.attentions\.0\.extra_norm"):
         M.load_sd(d)
 
 
@@ -225,8 +227,8 @@ def test_pytorch_names_and_layouts_map_both_ways(torch_models, loaded):
             assert all(k.startswith("text_model.") for k in back)
         assert set(back) == set(state) and all(np.array_equal(back[k], state[k]) for k in state), part
     state = {k: v.numpy() for k, v in nets["vae"].state_dict().items()}
-    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
-           for k, v in state.items()}
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value")
+            .replace("to_out.0", "proj_attn"): v for k, v in state.items()}
     assert old != state and _tree_equal(convert.torch_to_flax(old, params["vae"])[0],
                                         convert.torch_to_flax(state, params["vae"])[0])
     assert convert.torch_to_flax({"decoder.conv_in.weight_v": state["decoder.conv_in.weight"]},
@@ -434,7 +436,8 @@ def test_add_placeholder_token(tiny):
     assert tid == n and len(sd.tokenizer) == n  # the original tokenizer is untouched
     assert sd2.tokenizer.encode("<sks-concept>", add_special_tokens=False) == [tid]
     assert sd2.text_encoder.config.vocab_size == n + 1
-    emb = lambda p: np.asarray(p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    def emb(p):
+        return np.asarray(p["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
     old, new = emb(params), emb(params2)
     dog = sd.tokenizer.encode("dog", add_special_tokens=False)[0]
     assert new.shape == (n + 1, old.shape[1])

@@ -43,7 +43,8 @@ def test_gauss_newton_step_beats_the_plain_gradient_step_on_an_ill_conditioned_m
     def gain(jp):
         return np.asarray(shift_opt.bdot(h, jp) * radius / shift_opt.bnorm(jp))
 
-    best = np.asarray([np.linalg.norm(np.asarray(a[i]) @ np.linalg.lstsq(np.asarray(a[i]), np.asarray(h[i]), rcond=None)[0])
+    best = np.asarray([np.linalg.norm(np.asarray(a[i])
+                                      @ np.linalg.lstsq(np.asarray(a[i]), np.asarray(h[i]), rcond=None)[0])
                        for i in range(3)]) * radius
     _, jp_plain = shift_opt.gauss_newton_solve(jvp, vjp, h, iters=0, damping=1e-6)
     _, jp_gn = shift_opt.gauss_newton_solve(jvp, vjp, h, iters=60, damping=1e-6)

@@ -58,7 +58,8 @@ def test_flow_target_formula_and_forced_t():
     out = T.shortcut_targets(cfg(), jax.random.PRNGKey(1), const_velocity(0.0), images, labels, force_t=0.25)
     nb = B // 4
     assert np.allclose(np.asarray(out.t), 0.25)
-    # Flow rows: x_t = (1 - (1-1e-5) t) x0 + t x1 and v = x1 - (1-1e-5) x0 -> x_t = x1 * t + (1-(1-1e-5)t) (x1 - v)/(1-1e-5)
+    # Flow rows: x_t = (1 - (1-1e-5) t) x0 + t x1 and v = x1 - (1-1e-5) x0
+    #   -> x_t = x1 * t + (1-(1-1e-5)t) (x1 - v)/(1-1e-5)
     x1 = np.asarray(images[:B - nb])
     x0 = (x1 - np.asarray(out.v_t[nb:])) / (1 - 1e-5)
     assert_f32_close(out.x_t[nb:], (1 - (1 - 1e-5) * 0.25) * x0 + 0.25 * x1, depth=4)  # x_t, v, x0 back, x_t

@@ -149,7 +149,7 @@ def test_dp_and_fsdp_on_8_devices_equal_one_device():
     one, one_first = _one_step_params(parallel.make_mesh(jax.devices()[:1]), "dp")
     dp, _ = _one_step_params(parallel.make_mesh(), "dp")
     fsdp, _ = _one_step_params(parallel.make_mesh(), "fsdp")
-    sharded = [l for l in jax.tree_util.tree_leaves(fsdp.params) if not l.sharding.is_fully_replicated]
+    sharded = [leaf for leaf in jax.tree_util.tree_leaves(fsdp.params) if not leaf.sharding.is_fully_replicated]
     assert len(sharded) > 5  # fsdp really shards the larger kernels
     # a step: the bootstrap targets (2 DiT evaluations, ~44 layers), the DiT forward and back (~44)
     kw = dict(lr=tiny().optim.lr, steps=2, depth=90)

@@ -144,7 +144,8 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             train_shortcut.train(c, p("shortcut"), log=log)
             out = p("shortcut")
         elif stage == "rho":
-            c.sd, c.shortcut, c.dataset, c.rho_checkpoint = p("t2i", "sd"), p("shortcut"), p("data", "train", "images"), ""
+            c.sd, c.shortcut = p("t2i", "sd"), p("shortcut")
+            c.dataset, c.rho_checkpoint = p("data", "train", "images"), ""
             protect.train_rho(c, p("rho"), log=log)
             out = p("rho")
         else:

@@ -200,7 +200,8 @@ def brisque(images, *, model_dir: str | None = None) -> np.ndarray:
 # CLIP-IQA
 
 _CLIP_HUB_FILES = ('config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors',
-                   'vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'added_tokens.json')
+                   'vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                   'added_tokens.json')
 
 
 @functools.lru_cache(maxsize=2)

@@ -242,7 +242,8 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     start = int(state.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
     h, _, c = module.config.latent_shape(size, "config.model.sample_size")
-    log(f"vae: {n_params / 1e6:.2f}M parameters, {size} px -> {h} px x {c} latents, steps {start} -> {config.max_steps}")
+    log(f"vae: {n_params / 1e6:.2f}M parameters, {size} px -> {h} px x {c} latents, "
+        f"steps {start} -> {config.max_steps}")
 
     step_fn = make_vae_step(module, tx, schedule, config.loss, config.seed, disc, disc_tx)
     update = jax.jit(step_fn, in_shardings=(shardings, dsh), out_shardings=(shardings, rep), donate_argnums=(0,))

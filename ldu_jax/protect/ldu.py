@@ -143,7 +143,8 @@ def pers_loss(models, params, x, ti_ids, db_ids, key, cfg, n_draws: int | None =
     if not surrogates:
         return jnp.zeros((b,), jnp.float32)
     mean, std = post(params["vae"], x)
-    emb = jnp.concatenate([jnp.repeat(sdm.text_embed(models.sd, params["text_encoder"], jnp.reshape(ids, (1, -1))), b, 0)
+    emb = jnp.concatenate([jnp.repeat(sdm.text_embed(models.sd, params["text_encoder"], jnp.reshape(ids, (1, -1))),
+                                      b, 0)
                            for _, ids in surrogates])
 
     def one_draw(k):

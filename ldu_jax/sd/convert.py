@@ -2,8 +2,8 @@
 
 One mapping, both directions, for the three parts. The Flax trees use the names diffusers' and
 transformers' Flax classes used (``down_blocks_0/attentions_0/.../attn1/query/kernel``,
-``text_model/encoder/layers/0/self_attn/q_proj/kernel``; the VAE's attention ``query``/``proj_attn``), so Flax msgpack files and checkpoints
-written before ``ldu_jax.sd`` owned its modules still load.
+``text_model/encoder/layers/0/self_attn/q_proj/kernel``; the VAE's attention ``query``/``proj_attn``), so Flax
+msgpack files and checkpoints written before ``ldu_jax.sd`` owned its modules still load.
 
     PyTorch                                   Flax
     down_blocks.0.resnets.1.conv1.weight      down_blocks_0/resnets_1/conv1/kernel   (OIHW -> HWIO)

@@ -129,9 +129,10 @@ def _build_tiny_sd(seed: int, dtype) -> tuple[SD, dict]:
 
 def load_sd(source: str, dtype=jnp.float32, allow_pickle: bool = False) -> tuple[SD, dict]:
     """Load ``(SD, params)`` from a diffusers-format folder (vae/ unet/ text_encoder/
-    tokenizer/ scheduler/) or a hub id (when online); ``sources.sd`` also takes 'tiny'. Each model part may hold PyTorch safetensors
-    (read without torch), a Flax msgpack or, with ``allow_pickle`` (or LDU_JAX_ALLOW_PICKLE=1), a
-    PyTorch .bin (a pickle; needs torch). Modules compute in ``dtype``; params are float32."""
+    tokenizer/ scheduler/) or a hub id (when online); ``sources.sd`` also takes 'tiny'. Each model
+    part may hold PyTorch safetensors (read without torch), a Flax msgpack or, with ``allow_pickle``
+    (or LDU_JAX_ALLOW_PICKLE=1), a PyTorch .bin (a pickle; needs torch). Modules compute in
+    ``dtype``; params are float32."""
     source = os.path.expanduser(source)
     if not os.path.isdir(source):
         if not weights.is_hub_id(source):

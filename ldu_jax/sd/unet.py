@@ -281,7 +281,8 @@ class Transformer2D(nn.Module):
 
         h = proj("proj_in")(_group_norm(self.groups, 1e-6, "norm")(x)).reshape(b, hh * ww, c)
         for k in range(self.depth):
-            h = TransformerBlock(self.heads, self.only_cross_attention, self.dtype, name=f"transformer_blocks_{k}")(h, ctx)
+            h = TransformerBlock(self.heads, self.only_cross_attention, self.dtype,
+                                 name=f"transformer_blocks_{k}")(h, ctx)
         return x + proj("proj_out")(h.reshape(b, hh, ww, c))
 
 

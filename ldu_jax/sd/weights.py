@@ -45,8 +45,8 @@ def download(repo_id: str, parts=("vae", "unet", "text_encoder"), extra=()) -> s
     for part in parts:
         prefix = f"{part}/" if part else ""
         for stem in FILES[part or "vae"][1:]:
-            patterns += [f"{prefix}config.json", f"{prefix}{stem}.safetensors", f"{prefix}{stem}.safetensors.index.json",
-                         f"{prefix}{stem}-*.safetensors"]
+            patterns += [f"{prefix}config.json", f"{prefix}{stem}.safetensors",
+                         f"{prefix}{stem}.safetensors.index.json", f"{prefix}{stem}-*.safetensors"]
     return snapshot_download(repo_id, allow_patterns=patterns)
 
 
@@ -127,7 +127,8 @@ def _checked(got: dict, extra: list, shapes: dict, where: str) -> dict:
     want = flatten_dict(shapes)
     missing = [k for k in want if k not in got]
     if missing:
-        raise FileFormatError(f"{where}: {len(missing)} parameters missing, e.g. " + ", ".join("/".join(k) for k in missing[:5]))
+        raise FileFormatError(f"{where}: {len(missing)} parameters missing, e.g. "
+                              + ", ".join("/".join(k) for k in missing[:5]))
     out = {}
     for k, spec in want.items():
         a = np.asarray(got[k])

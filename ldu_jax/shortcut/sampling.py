@@ -74,8 +74,8 @@ def invert(apply_fn, params, x, labels, *, steps: int, cfg_scale=None, null_labe
 
     def step(x_next, i):
         t = i * d
-        vel = lambda z: guided_velocity(apply_fn, params, z, t, dt_base, labels,
-                                        cfg_scale, null_label).astype(x_next.dtype)
+        def vel(z):
+            return guided_velocity(apply_fn, params, z, t, dt_base, labels, cfg_scale, null_label).astype(x_next.dtype)
         x_prev = x_next - d * vel(x_next)
         for _ in range(fixed_point_iters):
             x_prev = x_next - d * vel(x_prev)
