@@ -86,14 +86,16 @@ def restore_latest(manager, abstract_state, meta: dict, where: str):
 
 
 def restore_state(workdir: str, step: int | None = None):
-    """(state dict, meta) of a work dir's latest (or given) checkpoint, its arrays on this process's
-    first device: whatever devices and hosts saved it (a model trained on a pod loads on one CPU)."""
+    """(state dict, meta) of a work dir's latest (or given) checkpoint, its arrays replicated over
+    this process's devices: whatever devices and hosts saved it (a model trained on a pod loads on
+    one CPU), and usable with arrays placed on a mesh of these devices."""
     manager = make_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise errors.MissingError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     saved = ocp.StandardCheckpointer().metadata(os.path.join(checkpoint_dir(workdir), str(step), "state"))
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    here = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("local",)),
+                                      jax.sharding.PartitionSpec())
     abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
                                       saved.item_metadata)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
