@@ -78,11 +78,13 @@ class Attacker:
             self._placeholders[token, init_word] = sdm.add_placeholder_token(sd, params, token, init_word)
         return self._placeholders[token, init_word]
 
-    def _update(self, key, make_step):
+    def _update(self, key, make_step, out_shardings=None):
         """The jitted step of ``key``, traced once; its closure must not change between calls with
-        the same key (so the key holds every config value the step reads)."""
+        the same key (so the key holds every config value the step reads). ``out_shardings``: the
+        state's (and the metrics'), so the state a step returns is placed as the one it took."""
         if key not in self._updates:
-            self._updates[key] = jax.jit(make_step(), donate_argnums=(0,))
+            kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+            self._updates[key] = jax.jit(make_step(), donate_argnums=(0,), **kw)
         return self._updates[key]
 
     def _images(self, config, images_dir, log):
@@ -210,10 +212,13 @@ class Attacker:
             one = plan.init(key)
             return SubjectBatch(jnp.zeros((), jnp.int32),
                                 jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), one))
-        update = self._update(plan.key + (("subjects", n),), make_step)
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+        state_shardings = SubjectBatch(rep, jax.tree_util.tree_map(lambda _: sub, abstract.states))
+        # out_shardings: on a mesh whose subject axis has size 1, the step's result would come back
+        # as P() instead of P('subjects') (the same placement, another sharding) and retrace the step
+        update = self._update(plan.key + (("subjects", n),), make_step, out_shardings=(state_shardings, rep))
         batch = self._train(plan, init, update, args, config=config, workdir=group_dir, kind=kind, log=log,
-                            shardings=lambda a: SubjectBatch(rep, jax.tree_util.tree_map(lambda _: sub, a.states)),
-                            arg_shardings=(rep, sub) + (rep,) * (len(args) - 2))
+                            shardings=lambda a: state_shardings, arg_shardings=(rep, sub) + (rep,) * (len(args) - 2))
         return [plan.finish(jax.tree_util.tree_map(lambda x, i=i: x[i], batch.states), w, save_model)
                 for i, w in enumerate(workdirs)]
 
