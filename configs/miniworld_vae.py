@@ -6,6 +6,8 @@ scratch on the procedural portraits (ldu_jax/miniworld/train_vae.py).
                           portraits (128 px -> 16x16x4), SD's small KL weight
     get_config('v2-gan')  v2 continued with SD's patch discriminator and a feature-matching loss
                           (set --config.init_from=<the v2 run> to start from its weights)
+    get_config('fragile') the shipped VAE's encoder fine-tuned to be as fragile as SD's, decoder frozen
+                          (ldu_jax/miniworld/train_vae.py; --config.init_from=<a VAE folder or run>)
     get_config('test')    tiny widths and a handful of steps (tests)
 """
 import ml_collections
@@ -36,6 +38,13 @@ def get_config(arg: str = ""):
         disc_start=0,                # the step from which the discriminator and both terms are on
     ))
     c.disc = ml_collections.ConfigDict(dict(channels=(32, 64, 128), groups=8, lr=2e-4))
+    c.fragile = ml_collections.ConfigDict(dict(
+        weight=0.0,                  # > 0: fine-tune init_from's encoder to be fragile (train_vae's doc)
+        eps=0.06,                    # the attack's L-inf radius on [-1, 1]: PhotoGuard's published budget
+        pgd_steps=4,
+        anchor_weight=10.0,          # x relative squared move of clean latents from init_from's
+        random_weight=1.0,           # x relative squared move under a random +-eps sign change
+    ))
     c.init_from = ""                 # a train_vae work dir whose weights a new run starts from
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
@@ -57,6 +66,13 @@ def get_config(arg: str = ""):
         c.optim.warmup = 0
         c.loss.adv_weight = 0.1
         c.loss.feat_weight = 1.0
+    elif arg == "fragile":
+        c.max_steps = 600
+        c.save_every = 100
+        c.keep = 10
+        c.optim.lr = 3e-4
+        c.optim.warmup = 50
+        c.fragile.weight = 1.0
     elif arg == "test":
         c.batch_size = 8
         c.max_steps = 30
@@ -68,5 +84,5 @@ def get_config(arg: str = ""):
         c.optim.lr = 3e-3
         c.optim.warmup = 0
     elif arg:
-        raise ValueError(f"unknown miniworld_vae config variant {arg!r} (use '', 'v2', 'v2-gan' or 'test')")
+        raise ValueError(f"unknown miniworld_vae config variant {arg!r} (use '', 'v2', 'v2-gan', 'fragile' or 'test')")
     return c

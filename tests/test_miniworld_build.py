@@ -64,3 +64,39 @@ def json_free_images(w):
     folder = os.path.join(w, "data", "heldout", "subject_0", "set_A")
     return np.stack([np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
                      for f in sorted(os.listdir(folder))[:2]])
+
+
+def test_fragile_profile_exports_the_base_world_with_its_new_vae(tmp_path):
+    """The fragile profile fine-tunes the shipped VAE, and its export is the base world's models
+    with that VAE in the t2i bundle; the base is left as it was."""
+    import jax
+    import numpy as np
+    from ldu_jax import files
+    from ldu_jax.miniworld import MODELS
+    from ldu_jax.sd import vae as vae_lib
+    cfg = build.configs("fragile")
+    assert cfg["vae"].fragile.weight > 0 and cfg["vae"].init_from == os.path.join(MODELS, "sd", "vae")
+    assert cfg["base"] == MODELS and cfg["t2i"] is None
+    base, w = tmp_path / "base", tmp_path / "w"
+    vae_lib.save_vae(vae_lib.tiny_vae(0), str(base / "sd" / "vae"))
+    (base / "sd" / "unet").mkdir()
+    (base / "sd" / "unet" / "weights").write_text("unet")
+    (base / "identity").mkdir()
+    (base / "identity" / "weights").write_text("identity")
+    files.write_json(base / "manifest.json", {"t2i": {"done": True}})
+    new = vae_lib.tiny_vae(1)
+    vae_lib.save_vae(new, str(w / "vae" / "vae"))
+    files.write_json(w / "manifest.json", {"vae": {"done": True, "path": str(w / "vae" / "vae")}})
+    out = build.export(str(w), str(base))
+    assert sorted(os.listdir(out)) == ["identity", "manifest.json", "sd"]
+    assert (tmp_path / "w" / "export" / "sd" / "unet" / "weights").read_text() == "unet"
+    got = vae_lib.load_vae(os.path.join(out, "sd", "vae"))
+    for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["base"]["path"] == str(base) and manifest["base"]["t2i"] == {"done": True}
+    assert manifest["vae"]["done"]
+    base_vae = vae_lib.load_vae(str(base / "sd" / "vae"))          # the base keeps its own VAE
+    ref = vae_lib.tiny_vae(0)
+    for a, b in zip(jax.tree_util.tree_leaves(base_vae.params), jax.tree_util.tree_leaves(ref.params)):
+        np.testing.assert_array_equal(a, b)

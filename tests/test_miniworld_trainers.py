@@ -244,3 +244,32 @@ def test_t2i_export_bundle_writes_a_checkpoint_as_the_bundle(vae_run, t2i_run, t
     with pytest.raises(FileNotFoundError, match="not a t2i run"):
         export_bundle(c, str(tmp_path), vae_dir, str(tmp_path / "b2"))
     assert not os.path.exists(tmp_path / "b2")
+
+
+def test_vae_fragile_finetune_trains_the_encoder_only_and_keeps_the_scale(vae_run, tmp_path):
+    """A fragile fine-tune from a diffusers VAE folder: the decoder is bit-for-bit the initial one,
+    the encoder moved, the anchor is the initial VAE, the written VAE keeps its scaling factor, and
+    the attack's progress toward its targets rises."""
+    from ldu_jax import checkpoint as ckpt
+    from ldu_jax.errors import ConfigError
+    c = miniworld_vae.get_config("test")
+    c.max_steps, c.log_every, c.save_every = 16, 1, 16
+    c.fragile.weight, c.optim.lr = 1.0, 3e-3
+    c.init_from = os.path.join(vae_run[1], "vae")
+    workdir = str(tmp_path / "fragile")
+    vae = train_vae(c, workdir, batches(c.batch_size), log=lambda s: None)
+    start = vae_lib.load_vae(c.init_from)
+    state, _ = ckpt.restore_state(workdir)
+    leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
+    for k in ("decoder", "post_quant_conv"):
+        assert all(np.array_equal(a, b) for a, b in zip(leaves(state["params"][k]), leaves(start.params[k])))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(state["params"]["encoder"]),
+                                                        leaves(start.params["encoder"])))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(state["anchor_params"]), leaves(start.params)))
+    assert vae.scaling_factor == pytest.approx(start.scaling_factor, rel=1e-6)
+    recs = [r for r in _metrics(workdir) if "progress" in r]
+    assert len(recs) == 16 and all(np.isfinite([r["progress"], r["anchor"], r["random"]]).all() for r in recs)
+    assert np.mean([r["progress"] for r in recs[-4:]]) > np.mean([r["progress"] for r in recs[:4]]) + 0.05
+    c.init_from = ""
+    with pytest.raises(ConfigError, match="init_from"):
+        train_vae(c, str(tmp_path / "fragile2"), batches(c.batch_size), log=lambda s: None)

@@ -1,6 +1,6 @@
 """Build the mini-world from nothing: data, then every model, each stage resumable.
 
-    python -m ldu_jax.cli.build_world --workdir=runs/miniworld [--profile=full|test] [--stages=...]
+    python -m ldu_jax.cli.build_world --workdir=runs/miniworld [--profile=full|test|v2|fragile] [--stages=...]
 
 Stages (in order; a finished stage is skipped, an interrupted one resumes from its checkpoints):
 
@@ -17,6 +17,10 @@ Stages (in order; a finished stage is skipped, an interrupted one resumes from i
 model and step count to check the whole chain in a minute or two. ``--install`` copies export/
 into the package (``ldu_jax/miniworld/models``), whose models are the defaults of
 ``configs/*_miniworld.py`` and of ``python perturb.py``.
+
+The ``fragile`` profile builds a world from the shipped one (issue 17's calibration): its vae stage
+fine-tunes the shipped VAE's encoder to be as fragile as Stable Diffusion's (``configs/miniworld_vae.py:
+fragile``), and its export is the shipped models with that VAE (``--stages=vae,export``).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from ldu_jax.miniworld import MODELS, identity, world
 from ldu_jax.miniworld.train_t2i import text_use, train_t2i
 from ldu_jax.miniworld.train_vae import train_vae
 
-PROFILES = ("full", "test", "v2")
+PROFILES = ("full", "test", "v2", "fragile")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
 STAGE_CONFIGS = {"vae": "miniworld_vae", "t2i": "miniworld_t2i", "identity": "miniworld_identity",
                  "shortcut": "miniworld_shortcut", "rho": "ldu_miniworld"}
@@ -53,6 +57,11 @@ def configs(profile: str = "full") -> dict:
         return {"data": {"n_train": 512, "per_identity": 8, "n_heldout": 8, "style": "v2", "size": 128},
                 "vae": config_file.load("configs/miniworld_vae.py:v2"), "identity": None, "t2i": None,
                 "shortcut": None, "rho": None}
+    if profile == "fragile":
+        vae = config_file.load("configs/miniworld_vae.py:fragile")
+        vae.init_from = os.path.join(MODELS, "sd", "vae")
+        return {"data": {"n_train": 512}, "vae": vae, "identity": None, "t2i": None, "shortcut": None,
+                "rho": None, "base": MODELS}
     arg = ":test" if profile == "test" else ""
     c = {stage: config_file.load(f"configs/{name}.py{arg}") for stage, name in STAGE_CONFIGS.items()}
     c["data"] = {"n_train": 512, "per_identity": 8, "n_heldout": 8} if profile != "test" else \
@@ -149,23 +158,32 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             protect.train_rho(c, p("rho"), log=log)
             out = p("rho")
         else:
-            out = export(workdir)
+            out = export(workdir, cfg.get("base"))
         _record(workdir, stage, done=True, path=out, cpu_seconds=round(time.process_time() - t0, 1),
                 wall_seconds=round(time.time() - w0, 1), profile=profile, **info)
         log(f"[{stage}] done in {time.time() - w0:.0f} s ({time.process_time() - t0:.0f} CPU s) -> {out}")
     return _manifest(workdir)
 
 
-def export(workdir: str) -> str:
+def export(workdir: str, base: str | None = None) -> str:
     """``<workdir>/export``: the t2i bundle and the shortcut, identity and ρ checkpoints without
-    their optimizer state, plus the manifest (written atomically)."""
+    their optimizer state, plus the manifest (written atomically). With ``base`` (an export): its
+    models with ``<workdir>/vae/vae`` as the t2i bundle's VAE."""
     out = os.path.join(workdir, "export")
     with files.atomic_dir(out) as tmp:
-        shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
-        for name, keys in EXPORT_KEYS.items():
-            ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys)
+        if base:
+            shutil.copytree(base, tmp, dirs_exist_ok=True)
+            shutil.rmtree(os.path.join(tmp, "sd", "vae"))
+            shutil.copytree(os.path.join(workdir, "vae", "vae"), os.path.join(tmp, "sd", "vae"))
+        else:
+            shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
+            for name, keys in EXPORT_KEYS.items():
+                ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys)
+        manifest = {}
+        if base:
+            manifest["base"] = {"path": base, **(files.read_json(os.path.join(base, "manifest.json")) or {})}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(_manifest(workdir), f, indent=1)
+            json.dump({**manifest, **_manifest(workdir)}, f, indent=1)
     return out
 
 

@@ -10,6 +10,14 @@ discriminator's features of the photo and of its reconstruction (a perceptual-st
 needs no downloaded network). ``init_from`` starts a new run from another VAE run's weights (SD
 trains its KL-f8 VAE the same way: reconstruction first, the discriminator switched on later).
 
+``fragile.weight`` > 0 instead fine-tunes the encoder of ``init_from`` (decoder frozen) to be as
+fragile as Stable Diffusion's: its latent can be pushed toward a chosen target by a small L-inf change
+(PhotoGuard's encoder attack collapses SD's D(E(x')); "Pixel is a barrier", Xue et al. 2024, places
+the vulnerability of latent diffusion models there), while the latents of clean photos stay where
+they were (the anchor: every model trained on them stays valid) and random changes of the same size
+barely move them. A VAE trained here from scratch is not fragile at any size or step count a CPU
+allows (README: the calibration); this is the calibration of that property, made explicit.
+
 After training, ``scaling_factor`` = 1 / std of posterior-sampled latents over ``scale_batches``
 batches is written into the VAE config (as Stable Diffusion's 0.18215), so scaled latents have
 about unit standard deviation, and the VAE goes to ``<workdir>/vae/`` in diffusers format
@@ -37,7 +45,7 @@ import numpy as np
 import optax
 
 from ldu_jax import checkpoint as ckpt
-from ldu_jax import loop, parallel
+from ldu_jax import files, loop, parallel
 from ldu_jax.errors import ConfigError
 from ldu_jax.sd import vae as vae_lib
 from ldu_jax.sd.autoencoder import AutoencoderKL, VAEConfig
@@ -51,6 +59,10 @@ class VAEState:
     opt_state: Any
     disc_params: Any = None          # the patch discriminator (None without an adversarial loss)
     disc_opt_state: Any = None
+    anchor_params: Any = None        # fragile: the initial VAE, whose clean latents the run keeps
+
+
+ENCODER_KEYS = ("encoder", "quant_conv")     # what a fragile run trains; the decoder stays as it is
 
 
 class PatchDiscriminator(nn.Module):
@@ -74,6 +86,16 @@ class PatchDiscriminator(nn.Module):
 
 def adversarial(loss_cfg) -> bool:
     return float(loss_cfg.get("adv_weight", 0.0)) > 0
+
+
+def fragile(config) -> bool:
+    return float(config.get("fragile", {}).get("weight", 0.0)) > 0
+
+
+def encoder_only(tx):
+    """``tx`` on the encoder's params; zero updates for the rest."""
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: {k: "train" if k in ENCODER_KEYS else "frozen" for k in params})
 
 
 def vae_config(model_cfg) -> dict:
@@ -131,6 +153,51 @@ def vae_losses(module, params, images, key, loss_cfg, disc=None, disc_params=Non
     return loss, (info, rec)
 
 
+def _sq(a):
+    return jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim)))
+
+
+def attack_targets(images, key):
+    """Latent targets of the fragility term's attack, none of them the calibration's: even rows the
+    batch's other photos (rolled by one), odd rows smooth random images (8x8 noise upsampled)."""
+    b, h, w, c = images.shape
+    noise = jax.image.resize(jax.random.uniform(key, (b, 8, 8, c), minval=-1, maxval=1), images.shape, "linear")
+    return jnp.where((jnp.arange(b) % 2 == 0)[:, None, None, None], jnp.roll(images, 1, axis=0), noise)
+
+
+def targeted_pgd(encode, x, z_target, key, eps: float, steps: int):
+    """PhotoGuard's encoder attack: L-inf PGD (random start, sign steps of 2.5 eps / steps, pixels
+    kept in [-1, 1]) minimising ||E(x + d) - z_target||^2; returns d, without gradient."""
+    d = jax.random.uniform(key, x.shape, minval=-eps, maxval=eps)
+
+    def body(d, _):
+        g = jax.grad(lambda d: jnp.sum(jnp.square(encode(jnp.clip(x + d, -1, 1)) - z_target)))(d)
+        return jnp.clip(d - 2.5 * eps / steps * jnp.sign(g), -eps, eps), None
+
+    d, _ = jax.lax.scan(body, d, None, length=steps)
+    return jax.lax.stop_gradient(jnp.clip(x + d, -1, 1) - x)
+
+
+def fragility_losses(module, params, anchor_params, images, key, cfg):
+    """(loss, info) of a fragile fine-tune (module doc; ``cfg`` = config.fragile):
+    ``anchor_weight`` x the relative squared move of clean latents from the anchor VAE's (plus 1% of
+    the log-variance's squared change), plus ``random_weight`` x the relative squared move under a
+    random +-eps sign change, minus ``weight`` x the attack's progress toward its target,
+    1 - |E(x + d) - z_t|^2 / |E(x) - z_t|^2 (1: reached)."""
+    k_target, k_pgd, k_rand = jax.random.split(key, 3)
+    encode = lambda p, x: module.apply({"params": p}, x, method=module.encode)  # noqa: E731
+    mean0, logvar0 = encode(anchor_params, images)
+    mean, logvar = encode(params, images)
+    anchor = jnp.mean(_sq(mean - mean0) / _sq(mean0)) + 0.01 * jnp.mean(jnp.square(logvar - logvar0))
+    z_t = jax.lax.stop_gradient(encode(params, attack_targets(images, k_target))[0])
+    d = targeted_pgd(lambda x: encode(params, x)[0], images, z_t, k_pgd, cfg.eps, cfg.pgd_steps)
+    progress = 1.0 - _sq(encode(params, images + d)[0] - z_t) / _sq(jax.lax.stop_gradient(mean) - z_t)
+    sign = cfg.eps * jnp.sign(jax.random.normal(k_rand, images.shape))
+    random = _sq(encode(params, jnp.clip(images + sign, -1, 1))[0] - mean) / _sq(jax.lax.stop_gradient(mean))
+    loss = cfg.anchor_weight * anchor + cfg.random_weight * jnp.mean(random) - cfg.weight * jnp.mean(progress)
+    return loss, {"anchor": anchor, "progress": jnp.mean(progress), "random": jnp.mean(random)}
+
+
 def disc_loss(disc, disc_params, images, rec):
     """The hinge loss of the patch discriminator (real photos vs reconstructions)."""
     real, _ = disc.apply({"params": disc_params}, images)
@@ -138,19 +205,25 @@ def disc_loss(disc, disc_params, images, rec):
     return jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake)), (jnp.mean(real), jnp.mean(fake))
 
 
-def make_vae_step(module, tx, schedule, loss_cfg, seed: int, disc=None, disc_tx=None):
+def make_vae_step(module, tx, schedule, loss_cfg, seed: int, disc=None, disc_tx=None, fragile_cfg=None):
     """``step(state, images) -> (state, info)``, pure; keys are ``fold_in(PRNGKey(seed), step)``.
     With ``disc`` (and its optimizer ``disc_tx``) the adversarial terms switch on at
-    ``loss_cfg.disc_start``, when the discriminator starts training too."""
+    ``loss_cfg.disc_start``, when the discriminator starts training too. With ``fragile_cfg`` the
+    loss is ``fragility_losses`` against ``state.anchor_params`` (``tx`` should freeze the decoder)."""
     if loss_cfg.rec not in ("l1", "l2"):
         raise ConfigError(f"config.loss.rec must be 'l1' or 'l2', got {loss_cfg.rec!r}")
+
+    def losses(params, state, images, key, adv_on):
+        if fragile_cfg is not None:
+            loss, info = fragility_losses(module, params, state.anchor_params, images, key, fragile_cfg)
+            return loss, (info, None)
+        return vae_losses(module, params, images, key, loss_cfg, disc, state.disc_params, adv_on)
 
     def step(state: VAEState, images):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
         adv_on = (state.step >= loss_cfg.get("disc_start", 0)).astype(jnp.float32) if disc is not None else 0.0
-        (loss, (info, rec)), grads = jax.value_and_grad(
-            lambda p: vae_losses(module, p, images, key, loss_cfg, disc, state.disc_params, adv_on),
-            has_aux=True)(state.params)
+        (loss, (info, rec)), grads = jax.value_and_grad(lambda p: losses(p, state, images, key, adv_on),
+                                                        has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         info = {"loss": loss, **info, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -163,7 +236,7 @@ def make_vae_step(module, tx, schedule, loss_cfg, seed: int, disc=None, disc_tx=
             disc_params = jax.tree_util.tree_map(lambda a, b: a + adv_on * b, disc_params, d_updates)
             disc_opt = jax.tree_util.tree_map(lambda n, o: jnp.where(adv_on > 0, n, o), new_opt, disc_opt)
             info.update(d_loss=d_loss, d_real=real, d_fake=fake)
-        return VAEState(state.step + 1, params, opt_state, disc_params, disc_opt), info
+        return VAEState(state.step + 1, params, opt_state, disc_params, disc_opt, state.anchor_params), info
 
     return step
 
@@ -197,18 +270,25 @@ def write_vae(module, params, scaling_factor: float, path: str):
     return vae_lib.VAE(out, params)
 
 
-def initial_params(init_from: str, module, size: int):
-    """The weights a new run starts from: None (random), or the latest params of another
-    ``train_vae`` work dir with the same architecture."""
+def initial_vae(init_from: str, module, size: int):
+    """(params, scaling_factor) a new run starts from: (None, None) for a random start; else the
+    latest params of another ``train_vae`` work dir, or of a diffusers VAE folder, with the same
+    architecture, and that VAE's scaling factor (None for a run that has not written its VAE)."""
     if not init_from:
-        return None
+        return None, None
+    want = ckpt.param_shapes(jax.eval_shape(module.init_params, jax.random.PRNGKey(0)))
+    if os.path.isfile(os.path.join(init_from, "config.json")):
+        vae = vae_lib.load_vae(init_from)
+        if ckpt.param_shapes(vae.params) != want:
+            raise ckpt.CheckpointMismatchError(f"init_from={init_from} holds a different VAE architecture")
+        return jax.tree_util.tree_map(jnp.asarray, vae.params), float(vae.scaling_factor)
     state, meta = ckpt.restore_state(init_from)
     if meta.get("kind") != "vae":
         raise ckpt.CheckpointMismatchError(f"init_from={init_from} is not a VAE run (kind={meta.get('kind')!r})")
-    want = ckpt.param_shapes(jax.eval_shape(module.init_params, jax.random.PRNGKey(0)))
     if meta.get("param_shapes") != want or list(meta.get("data_shape", [])) != [size, size, 3]:
         raise ckpt.CheckpointMismatchError(f"init_from={init_from} holds a different VAE architecture or size")
-    return jax.tree_util.tree_map(jnp.asarray, state["params"])
+    written = files.read_json(os.path.join(init_from, "vae", "config.json")) or {}
+    return jax.tree_util.tree_map(jnp.asarray, state["params"]), written.get("scaling_factor")
 
 
 def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
@@ -219,14 +299,21 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     mesh = parallel.batch_mesh(config.batch_size)
     rep, dsh = parallel.replicated(mesh), parallel.data_sharding(mesh)
     tx, schedule = make_optimizer(config.optim, config.max_steps)
+    init_params, init_scaling = initial_vae(config.get("init_from", ""), module, size)
+    fragile_cfg = config.fragile if fragile(config) else None
+    if fragile_cfg is not None:
+        if init_params is None:
+            raise ConfigError("config.fragile.weight > 0 fine-tunes an existing VAE: set config.init_from")
+        tx = encoder_only(tx)
     disc = disc_tx = None
     if adversarial(config.loss):
         disc = PatchDiscriminator(tuple(config.disc.channels), int(config.disc.groups))
         disc_tx = optax.adam(config.disc.lr, b1=0.5, b2=0.9)   # the usual GAN betas
-    init_params = initial_params(config.get("init_from", ""), module, size)
 
     def init_fn(key):
         params = module.init_params(key) if init_params is None else init_params
+        if fragile_cfg is not None:
+            return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params), anchor_params=params)
         if disc is None:
             return VAEState(jnp.zeros((), jnp.int32), params, tx.init(params))
         d = disc.init(jax.random.fold_in(key, 1), jnp.zeros((1, size, size, 3)))["params"]
@@ -245,7 +332,7 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     log(f"vae: {n_params / 1e6:.2f}M parameters, {size} px -> {h} px x {c} latents, "
         f"steps {start} -> {config.max_steps}")
 
-    step_fn = make_vae_step(module, tx, schedule, config.loss, config.seed, disc, disc_tx)
+    step_fn = make_vae_step(module, tx, schedule, config.loss, config.seed, disc, disc_tx, fragile_cfg)
     update = jax.jit(step_fn, in_shardings=(shardings, dsh), out_shardings=(shardings, rep), donate_argnums=(0,))
     stream = data_stream(batches, start)
 
@@ -269,10 +356,12 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     held = data_stream(batches, config.max_steps) if callable(batches) else stream
     imgs = [x for _, x in zip(range(config.scale_batches), images_only(held))]
     std, p = latent_stats(module, state.params, imgs, config.seed + 1, mesh)
-    vae = write_vae(module, state.params, 1.0 / std, os.path.join(workdir, "vae"))
-    log(f"vae: latent std {std:.4f} -> scaling_factor {1.0 / std:.4f}; reconstruction PSNR {p:.2f} dB "
+    # a fragile fine-tune keeps its latents where the anchor's were, so keeps its scale too
+    scaling = init_scaling if fragile_cfg is not None and init_scaling else 1.0 / std
+    vae = write_vae(module, state.params, scaling, os.path.join(workdir, "vae"))
+    log(f"vae: latent std {std:.4f}, scaling_factor {scaling:.4f}; reconstruction PSNR {p:.2f} dB "
         f"(posterior mean, {len(imgs)} batches); wrote {os.path.join(workdir, 'vae')}")
     if jax.process_index() == 0:
         loop.append_jsonl(os.path.join(workdir, "metrics.jsonl"),
-                          {"step": int(state.step), "scaling_factor": 1.0 / std, "eval_psnr": p})
+                          {"step": int(state.step), "scaling_factor": scaling, "eval_psnr": p})
     return vae
