@@ -6,6 +6,7 @@ first axis; ``dp`` replicates parameters, ``fsdp`` shards every parameter of at 
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
@@ -65,11 +66,25 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def batch_mesh(batch_size: int) -> Mesh:
-    """A Mesh over the most devices that divide both ``batch_size`` and the device count."""
-    devices = jax.devices()
-    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0 and len(devices) % d == 0)
-    return make_mesh(devices[:n])
+def batch_mesh(batch_size: int, local: bool = False) -> Mesh:
+    """A Mesh over the most devices that divide both ``batch_size`` and the device count.
+
+    Across hosts: as many of each host's devices (host by host, in process order), so that each
+    host's rows of the global batch (``data.local_rows``: host i holds rows [i B / n, (i + 1) B / n))
+    lie on its own devices. ``local``: this process's devices only, for work every host does on
+    its own share without a collective (protecting its files)."""
+    if local or jax.process_count() == 1:
+        devices = jax.local_devices() if local else jax.devices()
+        n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0 and len(devices) % d == 0)
+        return make_mesh(devices[:n])
+    n_proc = jax.process_count()
+    if batch_size % n_proc:
+        raise ConfigError(f"the batch size {batch_size} must be divisible by the {n_proc} processes")
+    per_host = [sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+                for p in range(n_proc)]
+    n_local = min(len(h) for h in per_host)
+    n = max(d for d in range(1, n_local + 1) if (batch_size // n_proc) % d == 0 and n_local % d == 0)
+    return make_mesh([d for h in per_host for d in h[:n]])
 
 
 def subject_mesh(n_subjects: int, batch_size: int) -> Mesh:
@@ -120,3 +135,40 @@ def state_shardings(abstract_state, mesh: Mesh, mode: str, min_bytes: int = 4 * 
 def global_batch(mesh: Mesh, local: np.ndarray):
     """Assemble the global batch array from this host's slice (sharded on the batch axis)."""
     return jax.make_array_from_process_local_data(data_sharding(mesh), np.asarray(local))
+
+
+_BARRIERS = itertools.count()
+
+
+def sync(name: str, timeout_s: int = 3600) -> None:
+    """A barrier of every process; nothing in one process. It waits on the coordination service
+    (up to ``timeout_s``), not on a device collective: on CPUs (gloo) a collective whose processes
+    arrive more than 30 s apart fails, and one host may be that far behind (the persistent
+    compilation cache serves only process 0's programs, so the others compile them)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None:   # a runtime started without jax.distributed (none here)
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"ldu_jax/{next(_BARRIERS)}/{name}", timeout_in_ms=timeout_s * 1000)
+
+
+def process0_first(fn, name: str):
+    """``fn()`` on process 0, then, after a barrier, on every other process: what process 0 writes
+    (e.g. a built-in image folder under the work dir) the others find written. An exception on
+    process 0 is raised after the barrier, so the others meet the same error instead of waiting."""
+    if jax.process_count() == 1:
+        return fn()
+    out, err = None, None
+    if jax.process_index() == 0:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - raised again below, after the barrier
+            err = e
+    sync(name)
+    if err is not None:
+        raise err
+    return out if jax.process_index() == 0 else fn()

@@ -151,16 +151,24 @@ def sample_folder(workdir: str, kind: str = SAMPLES, count: int = SAMPLE_COUNT) 
     return folder
 
 
-def dataset_folder(spec: str, workdir: str) -> str:
+def dataset_folder(spec: str, workdir: str, write: bool = True) -> str:
     """The image folder of a training ``dataset``: a folder, 'samples' or 'miniworld' (the world's
-    training portraits, rendered into ``workdir`` once)."""
+    training portraits, rendered into ``workdir`` once). ``write=False``: the folder's path only,
+    for a host that reads what another host wrote."""
     if spec == SAMPLES:
-        return sample_folder(workdir)
+        return sample_folder(workdir) if write else os.path.join(workdir, "sample_images")
     if spec == MINIWORLD:
         root = os.path.join(workdir, "miniworld_train")
-        world.write_training_set(root, *MINIWORLD_TRAIN)
+        if write:
+            world.write_training_set(root, *MINIWORLD_TRAIN)
         return os.path.join(root, "images")
     return spec
+
+
+def heldout_folder(spec: str, workdir: str) -> str:
+    """The folder of a held-out set: '' (none), 'miniworld' (8 held-out identities, written into
+    ``workdir`` once) or a folder."""
+    return sample_folder(workdir, MINIWORLD, count=8) if spec == MINIWORLD else spec
 
 
 def heldout_images(spec: str, res: int, workdir: str):
@@ -168,7 +176,7 @@ def heldout_images(spec: str, res: int, workdir: str):
     or a folder."""
     if not spec:
         return None
-    folder = sample_folder(workdir, MINIWORLD, count=8) if spec == MINIWORLD else spec
+    folder = heldout_folder(spec, workdir)
     return jnp.asarray(data_lib.load_images(data_lib.list_images(folder), res)[0])
 
 

@@ -1,6 +1,9 @@
-"""Many hosts on one machine: ``train.py`` started as 2 processes x 4 simulated CPU devices with a
-plain coordinator on 127.0.0.1 (gloo collectives) gives the result of 1 process x 8 devices with
-the same seed: the same global batches, loss curve and final parameters."""
+"""Many hosts on one machine: ``train.py``, ``perturb.py train`` and ``perturb.py apply`` started
+as 2 processes x 4 simulated CPU devices with a plain coordinator on 127.0.0.1 (gloo collectives)
+give the result of 1 process x 8 devices with the same seed: the same global batches, loss curves
+and final parameters, the same protected files and one report.csv."""
+import csv
+import hashlib
 import json
 import os
 import socket
@@ -8,7 +11,9 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 
 from ldu_jax import checkpoint as ckpt
 from numerics import assert_adam_close
@@ -28,27 +33,27 @@ def _env(devices: int) -> dict:
     return env
 
 
-def run_processes(argv, n: int, devices: int, timeout: int = 900):
-    """Start ``n`` processes of ``argv`` (n > 1: with a coordinator on localhost); return their
-    (returncode, stderr) once all have ended."""
+def run_processes(argv, n: int, devices: int, timeout: int = 900, rc: int = 0):
+    """Start ``n`` processes of ``argv`` (n > 1: with a coordinator on localhost); check that each
+    ended with status ``rc``; return their (returncode, stderr, stdout)."""
     port = _free_port()
     procs = []
     for i in range(n):
         extra = [] if n == 1 else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
                                    f"--process_id={i}"]
         procs.append(subprocess.Popen([sys.executable, *argv, *extra], cwd=ROOT, env=_env(devices),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
         try:
-            _, err = p.communicate(timeout=timeout)
+            stdout, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
-        out.append((p.returncode, err))
-    for rc, err in out:
-        assert rc == 0, err[-4000:]
+        out.append((p.returncode, err, stdout))
+    for code, err, _ in out:
+        assert code == rc, err[-4000:]
     return out
 
 
@@ -85,18 +90,96 @@ def test_two_processes_train_the_shortcut_model_as_one(shortcut_runs):
     assert_adam_close(pb, pa, lr=1e-3, steps=6, depth=60)
 
 
+@pytest.fixture(scope="module")
+def rho_runs(tmp_path_factory):
+    """ρ trained for 4 steps (configs/ldu_tiny.py, global batch 8) by 1 process x 8 devices and by
+    2 processes x 4 devices."""
+    tmp = tmp_path_factory.mktemp("rho")
+    args = ["perturb.py", "train", "--config=configs/ldu_tiny.py", "--config.max_steps=4", "--config.log_every=2",
+            "--config.save_every=4", "--config.batch_size=8"]
+    single, multi = str(tmp / "one"), str(tmp / "two")
+    run_processes([*args, f"--workdir={single}"], 1, 8)
+    run_processes([*args, f"--workdir={multi}"], 2, 4)
+    return single, multi
+
+
+def test_two_processes_train_rho_as_one(rho_runs):
+    single, multi = rho_runs
+    a, b = _losses(single), _losses(multi)
+    assert sorted(a) == sorted(b) == [2, 4]
+    assert a[2] != a[4]   # the batches and ρ change between log steps
+    for step in a:        # the same global batches and steps: equal up to the reductions' rounding
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    ra, rb = (ckpt.restore_state(w)[0] for w in (single, multi))
+    assert int(np.asarray(ra["step"])) == int(np.asarray(rb["step"])) == 4
+    # 4 AdamW steps (lr 1e-3) through the pipeline (~250 layers) and ρ (14), forward and backward,
+    # as tests/test_ldu.py compares ρ's step on 8 devices with 1
+    assert_adam_close(rb["rho"], ra["rho"], lr=1e-3, steps=4, depth=530)
+    for w in (single, multi):   # process 0 wrote the logs and the last grid, once
+        assert os.path.exists(os.path.join(w, "grids", "step_4.png"))
+        assert len(open(os.path.join(w, "metrics.jsonl")).readlines()) == 2
+
+
+def _inputs(root):
+    """7 photos of several sizes and one broken file: batches of 4 (configs/ldu_tiny.py's
+    apply_batch) 0 and 1, so with 2 processes each protects one."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(64, 64), (80, 50), (37, 64), (64, 64), (50, 50), (70, 64), (64, 90)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"p{i}.png")
+    (root / "p7.png").write_bytes(b"")
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()}
+
+
+def _report(out):
+    with open(os.path.join(out, "report.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_processes_protect_a_folder_as_one(rho_runs, tmp_path):
+    """apply split over 2 processes: each protects its batches on its own devices; every file is
+    written once, and byte for byte as by 1 process; one report.csv in the input order. The
+    output folder holds what a killed run across 3 processes left (a part file, a stale output):
+    the rerun replaces them."""
+    src = tmp_path / "in"
+    before = _inputs(src)
+    single, multi = str(tmp_path / "one"), str(tmp_path / "two")
+    os.makedirs(multi)
+    with open(os.path.join(multi, ".report.part-2-of-3.json"), "w") as f:
+        f.write("[]")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(multi, "p0.png"))
+    args = ["perturb.py", "apply", "--method=ldu", "--config=configs/ldu_tiny.py", f"--checkpoint={rho_runs[1]}",
+            f"--input={src}"]
+    run_processes([*args, f"--output={single}"], 1, 8, rc=1)   # 1: p7.png could not be protected
+    logs = run_processes([*args, f"--output={multi}"], 2, 4, rc=1)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
+    files = sorted(os.listdir(single))
+    assert files == sorted(os.listdir(multi)) == sorted([f"p{i}.png" for i in range(7)] + ["report.csv"])
+    for name in files[:-1]:   # the same batches through the same programs: the same bytes
+        assert open(os.path.join(single, name), "rb").read() == open(os.path.join(multi, name), "rb").read(), name
+    ra, rb = _report(single), _report(multi)
+    assert [r["file"] for r in ra] == [r["file"] for r in rb] == [f"p{i}.png" for i in range(8)]
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
+    assert rb[7]["error"] and all(r["budget_ok"] == "true" for r in rb[:7])
+    # each process protected its own batch: its log names only its files
+    for i, (_, _, log) in enumerate(logs):
+        named = {f"p{j}.png" for j in range(7) if f"p{j}.png -> " in log}
+        assert named == {f"p{j}.png" for j in range(4 * i, min(4 * i + 4, 7))}, log[-2000:]
+        assert f"protected 7 of 8 files into {multi}" in log   # every process returns every row
+
+
 def test_a_single_process_command_refuses_to_run_as_one_of_many(tmp_path):
-    """perturb.py does not split its work across hosts yet: started as 2 processes it stops with one
-    line on each, instead of two hosts each protecting (or training on) everything."""
+    """The demo does not split its work across hosts: started as 2 processes it stops with one line
+    on each, instead of two hosts each doing everything."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "perturb.py", "apply", "--method=ldu-opt",
-                               "--config=configs/ldu_tiny.py", f"--input={tmp_path}/in", f"--output={tmp_path}/out",
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "perturb.py"),
                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=tmp_path, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
         assert len(lines) == 1 and "runs in one process for now" in lines[0]
-    assert not os.path.exists(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "ldu_demo")

@@ -79,11 +79,13 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return jax.config.jax_compilation_cache_dir or ""
 
 
-def run(main, multihost: bool = False):
+def run(main, multihost=False):
     """``app.run(main)`` with clean messages for bad flags and for a ``UserError`` raised by main,
     and the persistent compilation cache on (``enable_compilation_cache``). ``multihost``: the
-    command runs across several processes (others refuse to start as one of many). ``--help`` prints the
-    command module's docstring (absl prints ``__main__``'s, which a console script lacks)."""
+    command runs across several processes: True, or a function of the command's argv saying
+    whether this use of it does (e.g. ``perturb.py train`` and ``apply``, not the demo); others
+    refuse to start as one of many. ``--help`` prints the command module's docstring (absl prints
+    ``__main__``'s, which a console script lacks)."""
     entry = sys.modules.get("__main__")
     if entry is not None and not entry.__doc__:
         entry.__doc__ = sys.modules[main.__module__].__doc__
@@ -92,10 +94,12 @@ def run(main, multihost: bool = False):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         f = flags.FLAGS
         try:
+            across = multihost(argv) if callable(multihost) else multihost
             if parallel.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id) \
-                    and not multihost and jax.process_count() > 1:
+                    and not across and jax.process_count() > 1:
                 raise UserError(f"{os.path.basename(sys.argv[0])} runs in one process for now (across hosts: "
-                                "train.py); start it without --coordinator_address / --distributed=on")
+                                "train.py, perturb.py train and apply); start it without --coordinator_address / "
+                                "--distributed=on")
             enable_compilation_cache()
             return main(argv)
         except UserError as e:

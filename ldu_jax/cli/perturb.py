@@ -78,8 +78,11 @@ def _main(argv):
         raise ConfigError(f"unknown command {cmd!r}; use train, apply, or nothing for the demo")
 
 
+MULTIHOST = ("train", "apply")   # the commands that run across hosts (the demo runs in one process)
+
+
 def main():
-    cli.run(_main)
+    cli.run(_main, multihost=lambda argv: len(argv) > 1 and argv[1] in MULTIHOST)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,19 @@ def load_models(config, log=print):
 
 
 def train_rho(config, workdir: str, log=print):
-    """Train ρ over an image folder (or the built-in samples); resumes from the work dir."""
+    """Train ρ over an image folder (or the built-in samples); resumes from the work dir.
+
+    On one host or many (started as train.py is): each host reads its rows of every global batch,
+    ρ is replicated over every device of every host, process 0 alone writes the logs, grids and the
+    built-in image folders (the others read them after a barrier); every host takes part in the
+    checkpoints. The result does not depend on the number of hosts."""
     os.makedirs(workdir, exist_ok=True)
+    first = jax.process_index() == 0
+    folder, heldout = parallel.process0_first(
+        lambda: (sources.dataset_folder(config.dataset, workdir, write=first),
+                 sources.heldout_folder(config.get("heldout", ""), workdir)), "ldu-rho: image folders written")
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
+    parallel.sync("ldu-rho: models loaded")   # each host compiled its own model inits (see parallel.sync)
     mesh = parallel.batch_mesh(config.batch_size)
     tx = ldu.make_rho_optimizer(config)
     init = lambda key: ldu.init_rho_state(models, tx, key, shape, config)  # noqa: E731
@@ -50,28 +60,41 @@ def train_rho(config, workdir: str, log=print):
     manager = ckpt.make_manager(workdir, config.keep)
     state = loop.init_or_restore(init, key, shardings, manager, meta, workdir, log)
     dsh = parallel.data_sharding(mesh)
-    step = jax.jit(ldu.make_rho_step(models, tx, config, config.seed, dsh), donate_argnums=(0,))
+    step = jax.jit(ldu.make_rho_step(models, tx, config, config.seed, dsh), out_shardings=(shardings, rep),
+                   donate_argnums=(0,))
     frozen = jax.device_put(params, rep)
     ids = jax.device_put((ti_ids, db_ids), rep)
-    folder = sources.dataset_folder(config.dataset, workdir)
-    images = data_lib.ImageFolder(folder, res, log=log).batches(config.batch_size, config.seed,
-                                                                start_step=int(state.step))
+    images = data_lib.ImageFolder(folder, res, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), log=log)
+    local = images.batches(config.batch_size, config.seed, start_step=int(state.step))
 
     def batches():
-        for x in images:
-            yield frozen, jax.device_put(x, dsh), *ids
+        for x in local:
+            yield frozen, parallel.global_batch(mesh, x), *ids
 
-    protect = jax.jit(lambda p, x: ldu.constrained_images(models, p, x, config))
+    # the grid's and the held-out images: the same on every host, replicated; results replicated
+    # too, so every host can read them (process 0 writes them)
+    protect = jax.jit(lambda p, x: ldu.constrained_images(models, p, x, config), out_shardings=rep)
     grid_x = next(data_lib.ImageFolder(folder, res, log=lambda s: None).batches(4, 0, flip=False))
-    heldout_x = sources.heldout_images(config.get("heldout", ""), res, workdir)
-    gain = jax.jit(lambda p, x: ldu.heldout_gain(models, p, x, ti_ids, db_ids, config, config.heldout_draws))
+    grid_dev = jax.device_put(grid_x, rep)
+    heldout_x = (jax.device_put(sources.heldout_images(heldout, res, workdir), rep) if heldout else None)
+    gain = jax.jit(lambda p, x: ldu.heldout_gain(models, p, x, ti_ids, db_ids, config, config.heldout_draws),
+                   out_shardings=rep)
+    # every program compiled before the first step, then a barrier: across hosts, the steps'
+    # collectives start together however long each host took to compile (see parallel.sync)
+    with_rho = {**frozen, "rho": state.rho}
+    x_spec = jax.ShapeDtypeStruct((config.batch_size, res, res, 3), jnp.float32, sharding=dsh)
+    step = step.lower(state, frozen, x_spec, *ids).compile()
+    protect = protect.lower(with_rho, grid_dev).compile()
+    gain = gain.lower(with_rho, heldout_x).compile() if heldout_x is not None else None
+    parallel.sync("ldu-rho: compiled")
 
     def after_step(done, state):
         if (config.grid_every and done % config.grid_every == 0) or done == config.max_steps:
-            write_grid(protect, {**params, "rho": state.rho}, grid_x,
+            write_grid(protect, {**frozen, "rho": state.rho}, grid_dev,
                        os.path.join(workdir, "grids", f"step_{done}.png"))
         if heldout_x is not None and (done % config.log_every == 0 or done == config.max_steps):
-            prot, clean = (np.asarray(a) for a in gain({**params, "rho": state.rho}, heldout_x))
+            prot, clean = (np.asarray(a) for a in gain({**frozen, "rho": state.rho}, heldout_x))
             rel = prot / clean - 1
             if jax.process_index() == 0:
                 loop.append_jsonl(os.path.join(workdir, "heldout.jsonl"),
@@ -84,10 +107,12 @@ def train_rho(config, workdir: str, log=print):
 
 
 def write_grid(protect, params, x, path):
-    """PNG rows: original | protected | 10x difference."""
-    x_prot = np.asarray(protect(params, jnp.asarray(x)))
-    rows = np.concatenate([x, np.clip(x_prot, -1, 1), np.clip((x_prot - x) * 10, -1, 1)])
-    data_lib.save_image_atomic(path, data_lib.make_grid(rows, ncol=len(x)))
+    """PNG rows: original | protected | 10x difference (computed on every host, written by process 0)."""
+    x_prot = np.asarray(protect(params, x))
+    x = np.asarray(x)
+    if jax.process_index() == 0:
+        rows = np.concatenate([x, np.clip(x_prot, -1, 1), np.clip((x_prot - x) * 10, -1, 1)])
+        data_lib.save_image_atomic(path, data_lib.make_grid(rows, ncol=len(x)))
 
 
 def rho_checkpoint(path: str):
@@ -109,10 +134,11 @@ def load_baseline(method: str, cfg, log=print):
 
 def baseline_protector(method: str, cfg, log=print):
     """(protect_batch(x [apply_batch, R, R, 3] in [-1, 1], i) -> x', resolution): one jit, the batch
-    sharded over the devices, parameters replicated; a folder's batch i uses key
+    sharded over this process's devices (across hosts each protects its own files), parameters
+    replicated; a folder's batch i uses key
     fold_in(PRNGKey(seed), i) (the same for every folder, whatever was protected before)."""
     sd, params, res = load_baseline(method, cfg, log)
-    mesh = parallel.batch_mesh(cfg.apply_batch)
+    mesh = parallel.batch_mesh(cfg.apply_batch, local=True)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
     params = jax.device_put(params, rep)
     fn = jax.jit(lambda p, x, k: baselines.protect(method, sd, p, x, k, cfg)[0], out_shardings=dsh)
@@ -132,7 +158,7 @@ def make_protector(method: str, config, checkpoint: str | None, log=print):
     if method in baselines.METHODS:
         return baseline_protector(method, config, log)
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
-    mesh = parallel.batch_mesh(config.apply_batch)
+    mesh = parallel.batch_mesh(config.apply_batch, local=True)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
     if method == "ldu":
         checkpoint = checkpoint or config.get("rho_checkpoint", "")
@@ -161,7 +187,11 @@ def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, out
     ``make_protector(method, config, checkpoint)`` returned, to reuse across folders.
 
     The budget every written file meets: LDU's pixel MSE (``config.eps`` on [-1, 1]); for the
-    baselines the L-inf bound ``config.eps`` on the [0, 1] scale."""
+    baselines the L-inf bound ``config.eps`` on the [0, 1] scale.
+
+    Across hosts every host calls this with the same arguments: the folder's batches are split
+    between them (``protect_folder``), each protects its own on its own devices, and every host
+    returns all rows; the files and report.csv are those of one process."""
     if method in baselines.METHODS:
         baselines.check_config(method, config)
         budget = pio.Budget("linf", float(config.eps))
@@ -169,7 +199,9 @@ def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, out
         budget = pio.Budget("mse", float(config.eps))
     pio.check_dirs(input_dir, output_dir)
     protect_batch, res = protector or make_protector(method, config, checkpoint, log)
-    return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log)
+    return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              barrier=parallel.sync)
 
 
 def demo(config, out_dir: str = "ldu_demo", log=print) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import itertools
+import json
 import math
 import os
 import pathlib
@@ -291,20 +291,41 @@ def _error_row(file: str, method: str, error: str) -> dict:
     return {'file': file, 'method': method, 'output': '', 'error': error}
 
 
+PART_PREFIX = '.report.part-'   # a host's rows of a run across hosts, merged into report.csv
+
+
+def _part_path(out_dir: pathlib.Path, index: int, count: int) -> pathlib.Path:
+    return out_dir / f'{PART_PREFIX}{index}-of-{count}.json'
+
+
 def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: Budget,
                    protect_batch: Callable[[np.ndarray, int], np.ndarray], batch_size: int,
-                   log: Callable[[str], None] = print, max_pixels: int | None = None) -> list[dict]:
+                   log: Callable[[str], None] = print, max_pixels: int | None = None, *,
+                   process_index: int = 0, process_count: int = 1,
+                   barrier: Callable[[str], None] | None = None) -> list[dict]:
     """Protect every image under `input_dir` into `output_dir/<name>.png` plus `report.csv`.
 
-    `protect_batch(x, i)` maps batch number `i` of the folder, [batch_size, R, R, 3] float32 in
+    Batch `i` of the folder is files [i * batch_size, (i + 1) * batch_size) of the sorted list
+    (the ones that decode); `protect_batch(x, i)` maps it, [batch_size, R, R, 3] float32 in
     [-1, 1], to the same shape (a random protection draws from `i`, so a folder's result does not
-    depend on what the protector did before); it is always called with exactly `batch_size` rows
-    (the last batch is padded by repetition). Only a batch's
+    depend on what the protector did before, nor on how many hosts share the folder); it is always
+    called with exactly `batch_size` rows (a short batch is padded by repetition). Only a batch's
     decoded images are held in memory. Rows follow the input order; 'file' is the input path
     relative to `input_dir`, 'seconds' the batch's model time / n plus the image's own time.
+
+    Across hosts (`process_count` > 1, every host calling this with its `process_index` and a
+    `barrier(name)` of all of them, `output_dir` on storage every host sees): host p protects
+    batches p, p + n, p + 2n, ... and writes their files (each file exactly once, atomically) and
+    its rows to a part file; after a barrier every host reads all parts and returns every row, and
+    process 0 writes the one report.csv and removes the parts. A killed run is rerun as a whole
+    (every file is rewritten; parts left by it are replaced or removed).
     """
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+    if process_count > 1 and barrier is None:
+        raise ValueError('a folder shared by several processes needs their barrier')
     check_dirs(input_dir, output_dir)
     root, out_dir = pathlib.Path(input_dir), pathlib.Path(output_dir)
     paths = data.list_images(root)
@@ -318,13 +339,11 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
     rows: dict[pathlib.Path, dict] = {}
     bad: list[tuple[pathlib.Path, str]] = []
 
-    batches = itertools.count()
-
-    def run(batch: list[Item]) -> None:
+    def run(batch: list[Item], index: int) -> None:
         x = np.stack([it.model_input for it in batch]).astype(np.float32)
         x = x[np.arange(batch_size) % len(batch)]  # pad by repeating: one compiled shape
         t0 = time.perf_counter()
-        y = np.asarray(protect_batch(x, next(batches)), np.float32)
+        y = np.asarray(protect_batch(x, index), np.float32)
         model_s = (time.perf_counter() - t0) / len(batch)
         if y.shape != x.shape:
             raise ValueError(f'protect_batch returned shape {y.shape}, expected {x.shape}')
@@ -344,19 +363,46 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
                 f'linf {row["linf"] * 255:.0f}/255' + (f' (scaled x{info["scale"]:.3f})'
                                                        if info['scaled'] else ''))
 
-    pending: list[Item] = []
-    for path, name in zip(paths, names):
-        try:
-            pending.append(read_item(path, name, resolution, max_pixels))
-        except data.DataError as e:
-            bad.append((path, str(e)))
-            rows[path] = _error_row(rel[path], method, str(e))
-        if len(pending) == batch_size:
-            run(pending)
-            pending = []
-    if pending:
-        run(pending)
-    data.report_bad(bad, len(paths), log)
-    result = [rows[p] for p in paths]
-    write_report(out_dir, result)
+    mine = 0
+    for index, first in enumerate(range(0, len(paths), batch_size)):
+        if index % process_count != process_index:
+            continue
+        pending: list[Item] = []
+        for path, name in zip(paths[first:first + batch_size], names[first:first + batch_size]):
+            mine += 1
+            try:
+                pending.append(read_item(path, name, resolution, max_pixels))
+            except data.DataError as e:
+                bad.append((path, str(e)))
+                rows[path] = _error_row(rel[path], method, str(e))
+        if pending:
+            run(pending, index)
+    data.report_bad(bad, mine, log)
+    if process_count > 1:
+        result = _merge_parts(out_dir, paths, rel, rows, process_index, process_count, barrier)
+    else:
+        result = [rows[p] for p in paths]
+    if process_index == 0:
+        write_report(out_dir, result)
+        for stale in out_dir.glob(f'{PART_PREFIX}*'):  # this run's, and any a killed run left
+            stale.unlink(missing_ok=True)
     return result
+
+
+def _merge_parts(out_dir, paths, rel, rows, process_index: int, process_count: int, barrier) -> list[dict]:
+    """Every host's rows in the input order: each host writes its own part, then (after a
+    barrier) reads all of them; a second barrier keeps the parts until every host has read them."""
+    files.write_json(_part_path(out_dir, process_index, process_count), [rows[p] for p in paths if p in rows])
+    barrier('protect_folder: parts written')
+    merged: dict[str, dict] = {}
+    for i in range(process_count):
+        with open(_part_path(out_dir, i, process_count), encoding='utf-8') as f:
+            for row in json.load(f):
+                if row['file'] in merged:
+                    raise RuntimeError(f'{row["file"]} was protected by two processes')
+                merged[row['file']] = row
+    barrier('protect_folder: parts read')
+    missing = [rel[p] for p in paths if rel[p] not in merged]
+    if missing:
+        raise RuntimeError(f'no process protected {missing[0]} ({len(missing)} files missing)')
+    return [merged[rel[p]] for p in paths]
