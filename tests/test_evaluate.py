@@ -118,7 +118,8 @@ def test_config_errors_name_the_key(tmp_path):
         subjects.find_subjects(str(tmp_path))
 
 
-@pytest.mark.parametrize("name", ["eval_tiny", "eval_celebahq_sd21", "eval_vggface2_sd21", "eval_miniworld"])
+@pytest.mark.parametrize("name", ["eval_tiny", "eval_celebahq_sd21", "eval_vggface2_sd21", "eval_miniworld",
+                                  "eval_miniworld_fragile"])
 def test_eval_configs_reference_loadable_configs(name):
     import importlib
     c = importlib.import_module(f"configs.{name}").get_config()

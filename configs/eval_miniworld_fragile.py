@@ -1,0 +1,22 @@
+"""The mini-world evaluation in the world with an SD-calibrated fragile encoder (issue 17): the
+shipped models with the VAE of ``build_world --profile=fragile`` (``get_config('<its export>')``,
+default runs/mw_fragile/export), 4 held-out identities, DreamBooth and TI at 200 steps, every method
+at the 36 dB budget of configs/eval_miniworld.py:
+
+    python -m ldu_jax.cli.build_world --workdir=runs/mw_fragile --profile=fragile --stages=vae,export
+    python -m ldu_jax.cli.evaluate --config=configs/eval_miniworld_fragile.py --workdir=runs/eval_fragile
+"""
+import os
+
+from configs import eval_miniworld
+
+
+def get_config(models: str = "runs/mw_fragile/export"):
+    c = eval_miniworld.get_config()
+    c.data = "miniworld:4"
+    c.sd = os.path.join(models, "sd")
+    c.shortcut = os.path.join(models, "shortcut")
+    c.rho_checkpoint = os.path.join(models, "rho")
+    c.face_backend = "miniworld:" + os.path.join(models, "identity")
+    c.attack_overrides = {"ti": {"max_steps": 200}, "dreambooth": {"max_steps": 200}}
+    return c
