@@ -1,6 +1,7 @@
 """The training loop every trainer shares: steps, metrics.jsonl, tqdm, checkpoints, NaN guard."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from ldu_jax import checkpoint as ckpt
+from ldu_jax import parallel
 from ldu_jax.errors import UserError
 
 
@@ -79,6 +81,18 @@ def train_loop(state, update: Callable, batches: Iterator[tuple], *, manager, me
     finally:
         manager.wait_until_finished()
     return state
+
+
+def compile_first(update, state, batches: Iterator[tuple], name: str):
+    """(update, batches) ready for ``train_loop`` across hosts: ``update`` compiled on the first
+    batch, then a barrier, so the steps' collectives start together however long each host took to
+    compile (``parallel.sync``); in one process, both as given."""
+    if jax.process_count() == 1:
+        return update, batches
+    first = next(batches)
+    update = update.lower(state, *first).compile()
+    parallel.sync(f"{name}: compiled")
+    return update, itertools.chain([first], batches)
 
 
 def init_or_restore(init_fn, key, shardings, manager, meta: dict, workdir: str, log=print, jit_init=True):

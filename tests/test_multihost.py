@@ -1,6 +1,6 @@
-"""Many hosts on one machine: ``train.py``, ``perturb.py train`` and ``perturb.py apply`` started
-as 2 processes x 4 simulated CPU devices with a plain coordinator on 127.0.0.1 (gloo collectives)
-give the result of 1 process x 8 devices with the same seed: the same global batches, loss curves
+"""Many hosts on one machine: ``train.py``, ``perturb.py train``, ``perturb.py apply`` and
+``build_world --stages=data,vae`` started as 2 processes x 4 simulated CPU devices with a plain
+coordinator on 127.0.0.1 (gloo collectives) give the result of 1 process x 8 devices with the same seed: the same global batches, loss curves
 and final parameters, the same protected files and one report.csv."""
 import csv
 import hashlib
@@ -183,3 +183,35 @@ def test_a_single_process_command_refuses_to_run_as_one_of_many(tmp_path):
         assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
         assert len(lines) == 1 and "runs in one process for now" in lines[0]
     assert not os.path.exists(tmp_path / "ldu_demo")
+
+
+def _tree_digest(root):
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, names in os.walk(root) for f in names}
+
+
+def test_two_processes_build_the_world_data_and_vae_as_one(tmp_path):
+    """build_world's data and vae stages (the 'test' profile: 8 training images, a VAE of global
+    batch 8, here trained 6 steps) as 2 processes x 4 devices and as 1 x 8: process 0 writes the same
+    data files; each host renders its rows of the same global batches, so the loss curves and the
+    final parameters agree; one manifest and one VAE folder."""
+    args = ["-m", "ldu_jax.cli.build_world", "--profile=test", "--stages=data,vae", "--set=vae.max_steps=6",
+            "--set=vae.log_every=2", "--set=vae.save_every=6"]
+    single, multi = str(tmp_path / "one"), str(tmp_path / "two")
+    run_processes([*args, f"--workdir={single}"], 1, 8)
+    run_processes([*args, f"--workdir={multi}"], 2, 4)
+    assert _tree_digest(os.path.join(single, "data")) == _tree_digest(os.path.join(multi, "data"))
+    for w in (single, multi):
+        manifest = json.load(open(os.path.join(w, "manifest.json")))
+        assert sorted(manifest) == ["data", "vae"] and all(m["done"] for m in manifest.values())
+    a, b = _losses(os.path.join(single, "vae")), _losses(os.path.join(multi, "vae"))
+    assert sorted(a) == sorted(b) == [2, 4, 6]
+    assert len({round(v, 4) for v in a.values()}) == 3   # the batches and the VAE change between log steps
+    for step in a:   # the same global batches and steps: equal up to the reductions' rounding
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    pa, pb = (ckpt.restore_state(os.path.join(w, "vae"))[0]["params"] for w in (single, multi))
+    # 6 AdamW steps (configs/miniworld_vae.py:test, lr 3e-3) of the VAE's loss, forward and
+    # backward through the encoder and decoder (~100 layers), gradients reduced in another grouping
+    assert_adam_close(pb, pa, lr=3e-3, steps=6, depth=100)
+    sa, sb = (json.load(open(os.path.join(w, "vae", "vae", "config.json")))["scaling_factor"] for w in (single, multi))
+    assert abs(sa - sb) <= 1e-3 * sa, (sa, sb)

@@ -98,8 +98,8 @@ def run(main, multihost=False):
             if parallel.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id) \
                     and not across and jax.process_count() > 1:
                 raise UserError(f"{os.path.basename(sys.argv[0])} runs in one process for now (across hosts: "
-                                "train.py, perturb.py train and apply); start it without --coordinator_address / "
-                                "--distributed=on")
+                                "train.py, perturb.py train and apply, build_world's data and vae stages); start it "
+                                "without --coordinator_address / --distributed=on")
             enable_compilation_cache()
             return main(argv)
         except UserError as e:

@@ -24,16 +24,19 @@ fragile``), and its export is the shipped models with that VAE (``--stages=vae,e
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
 import time
 
+import jax
 import numpy as np
 
 from ldu_jax import checkpoint as ckpt
-from ldu_jax import config_file, files
-from ldu_jax.errors import ConfigError, MissingError
+from ldu_jax import config_file, files, parallel
+from ldu_jax import data as data_lib
+from ldu_jax.errors import ConfigError, MissingError, UserError
 from ldu_jax.jobs import protect, train_shortcut
 from ldu_jax.miniworld import MODELS, identity, world
 from ldu_jax.miniworld.train_t2i import text_use, train_t2i
@@ -41,6 +44,7 @@ from ldu_jax.miniworld.train_vae import train_vae
 
 PROFILES = ("full", "test", "v2", "fragile")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
+MULTIHOST_STAGES = ("data", "vae")   # the stages that run across hosts (the others refuse to)
 STAGE_CONFIGS = {"vae": "miniworld_vae", "t2i": "miniworld_t2i", "identity": "miniworld_identity",
                  "shortcut": "miniworld_shortcut", "rho": "ldu_miniworld"}
 # what each shipped checkpoint keeps of its training state (the loaders read exactly these)
@@ -71,18 +75,22 @@ def configs(profile: str = "full") -> dict:
 
 def world_batches(n_identities: int, batch_size: int, seed: int, size: int = 64, scene: bool = False,
                   style: str = "v1", sensor_noise: float = 1.0, grain: float = 1.0):
-    """``start_step -> iterator`` of (images [B, size, size, 3] in [-1, 1], captions): random training
-    identities and fresh variants, batch k a function of (seed, k) only (so a resumed run continues).
+    """``start_step -> iterator`` of (images [B / n, size, size, 3] in [-1, 1], captions): this
+    host's rows (``data.local_rows``; host i of n holds rows [i B / n, (i + 1) B / n)) of global
+    batches of B random training identities and fresh variants, global batch k a function of
+    (seed, k) only (so a resumed run continues, and any number of hosts trains on the same batches).
     ``scene``: scene captions (``world.caption``); ``style``: ``world.STYLES``; ``sensor_noise``,
     ``grain``: ``world.render``'s."""
     idents = world.train_identities(n_identities, 0)
+    local = data_lib.local_rows(batch_size, jax.process_count())
+    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
 
     def batches(start: int):
         step = start
         while True:
             rng = np.random.default_rng([seed, step])
-            who = rng.integers(0, len(idents), batch_size)
-            var = rng.integers(0, 10 ** 6, batch_size)
+            who = rng.integers(0, len(idents), batch_size)[rows]
+            var = rng.integers(0, 10 ** 6, batch_size)[rows]
             yield (world.render_batch([idents[i] for i in who], var, size, style=style, sensor_noise=sensor_noise,
                                      grain=grain),
                    [world.caption(idents[i], v, scene) for i, v in zip(who, var)])
@@ -104,13 +112,47 @@ def _record(workdir: str, stage: str, **info):
     files.write_json(os.path.join(workdir, "manifest.json"), m)
 
 
-def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict:
-    """Run the stages; returns the manifest {stage: {path, seconds, ...}}."""
+def override(cfg: dict, settings) -> dict:
+    """Set ``stage.key[.key...]=value`` settings (values read as Python literals, else strings) in
+    the stage configs ``cfg``; returns it. An unknown stage or key is a ConfigError."""
+    for setting in settings:
+        name, sep, text = setting.partition("=")
+        stage, *keys = name.split(".")
+        if not sep or not keys or not hasattr(cfg.get(stage), "to_dict"):
+            raise ConfigError(f"--set {setting}: expected <stage>.<key>=<value> for a stage config "
+                              f"({', '.join(k for k, v in cfg.items() if hasattr(v, 'to_dict'))})")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        node = cfg[stage]
+        try:
+            for k in keys[:-1]:
+                node = node[k]
+            if keys[-1] not in node:
+                raise KeyError(keys[-1])
+            node[keys[-1]] = value
+        except KeyError as e:
+            raise ConfigError(f"--set {setting}: {stage}'s config has no key {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"--set {setting}: {e}") from None
+    return cfg
+
+
+def build(workdir: str, profile: str = "full", stages=STAGES, log=print, settings=()) -> dict:
+    """Run the stages; returns the manifest {stage: {path, seconds, ...}}. ``settings``:
+    ``override``'s, applied to the profile's stage configs."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    if jax.process_count() > 1:   # started on several hosts: only the stages that split their work
+        done = _manifest(workdir)
+        single = [s for s in STAGES if s in stages and s not in MULTIHOST_STAGES and not done.get(s, {}).get("done")]
+        if single:
+            raise UserError(f"build_world's stage(s) {', '.join(single)} run in one process for now (across hosts: "
+                            f"{', '.join(MULTIHOST_STAGES)}); build them in one process, or pass --stages")
     os.makedirs(workdir, exist_ok=True)
-    cfg = configs(profile)
+    cfg = override(configs(profile), settings)
     p = lambda *a: os.path.join(workdir, *a)  # noqa: E731
     for stage in STAGES:
         if stage not in stages:
@@ -126,8 +168,12 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
         d = cfg["data"]
         look = {"size": d.get("size", 64), "style": d.get("style", "v1")}
         if stage == "data":
-            world.write_training_set(p("data", "train"), d["n_train"], d["per_identity"], progress=True, **look)
-            world.write_heldout_subjects(p("data", "heldout"), d["n_heldout"], **look)
+            def write_data():   # process 0 writes the files; the others read them after a barrier
+                if jax.process_index() == 0:
+                    world.write_training_set(p("data", "train"), d["n_train"], d["per_identity"], progress=True,
+                                             **look)
+                    world.write_heldout_subjects(p("data", "heldout"), d["n_heldout"], **look)
+            parallel.process0_first(write_data, "build_world: data")
             out = p("data")
         elif stage == "identity":
             identity.train(c, p("identity"), log=log)
@@ -159,8 +205,10 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print) -> dict
             out = p("rho")
         else:
             out = export(workdir, cfg.get("base"))
-        _record(workdir, stage, done=True, path=out, cpu_seconds=round(time.process_time() - t0, 1),
-                wall_seconds=round(time.time() - w0, 1), profile=profile, **info)
+        if jax.process_index() == 0:
+            _record(workdir, stage, done=True, path=out, cpu_seconds=round(time.process_time() - t0, 1),
+                    wall_seconds=round(time.time() - w0, 1), profile=profile, **info)
+        parallel.sync(f"build_world: {stage} recorded")   # every host sees the same manifest
         log(f"[{stage}] done in {time.time() - w0:.0f} s ({time.process_time() - t0:.0f} CPU s) -> {out}")
     return _manifest(workdir)
 

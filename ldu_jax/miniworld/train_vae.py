@@ -30,6 +30,9 @@ about unit standard deviation, and the VAE goes to ``<workdir>/vae/`` in diffuse
 ``batch_size`` (captions are ignored here), or a callable ``start_step -> such an iterator`` (so a
 resumed run continues the data stream where it stopped). The run resumes from the newest orbax
 checkpoint in ``workdir`` and logs ``metrics.jsonl`` (loss, rec, kl, edge, psnr, grad_norm, lr).
+Across n hosts each gives its B / n rows of the global batch (``data.local_rows``); the
+parameters are replicated, every host takes part in the checkpoints, process 0 writes
+``metrics.jsonl`` and ``vae/``.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import numpy as np
 import optax
 
 from ldu_jax import checkpoint as ckpt
+from ldu_jax import data as data_lib
 from ldu_jax import files, loop, parallel
 from ldu_jax.errors import ConfigError
 from ldu_jax.sd import vae as vae_lib
@@ -248,7 +252,8 @@ def data_stream(batches, start_step: int):
 
 def latent_stats(module, params, image_batches, seed: int, mesh=None) -> tuple[float, float]:
     """(std of posterior-sampled unscaled latents, mean reconstruction PSNR through the posterior
-    mean) over the given image batches, one jitted pass per batch."""
+    mean) over the given image batches, one jitted pass per batch. With ``mesh``: each batch is
+    this host's rows of a global batch (``parallel.global_batch``)."""
     def one(p, x, key):
         z, mean, _ = _sample(module, p, x, key)
         rec = module.apply({"params": p}, mean, method=module.decode)
@@ -258,15 +263,21 @@ def latent_stats(module, params, image_batches, seed: int, mesh=None) -> tuple[f
     stats = []
     for i, x in enumerate(image_batches):
         x = parallel.global_batch(mesh, x) if mesh is not None else jnp.asarray(x)
-        stats.append(jax.device_get(f(params, x, jax.random.fold_in(jax.random.PRNGKey(seed), i))))
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        if i == 0 and jax.process_count() > 1:   # across hosts: compiled, then a barrier (loop.compile_first)
+            f = f.lower(params, x, key).compile()
+            parallel.sync("vae: latent stats compiled")
+        stats.append(jax.device_get(f(params, x, key)))
     m, m2, p = np.mean(np.asarray(stats, np.float64), axis=0)   # equal-sized batches
     return float(np.sqrt(max(m2 - m * m, 1e-12))), float(p)
 
 
-def write_vae(module, params, scaling_factor: float, path: str):
-    """Save the VAE in diffusers format with ``scaling_factor`` in its config (atomically)."""
+def write_vae(module, params, scaling_factor: float, path: str, save: bool = True):
+    """Save the VAE in diffusers format with ``scaling_factor`` in its config (atomically; not
+    with ``save`` False: another host writes it); returns it."""
     out = AutoencoderKL(dataclasses.replace(module.config, scaling_factor=float(scaling_factor)), module.dtype)
-    vae_lib.save_vae(vae_lib.VAE(out, jax.device_get(params)), path)
+    if save:
+        vae_lib.save_vae(vae_lib.VAE(out, jax.device_get(params)), path)
     return vae_lib.VAE(out, params)
 
 
@@ -336,11 +347,13 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     update = jax.jit(step_fn, in_shardings=(shardings, dsh), out_shardings=(shardings, rep), donate_argnums=(0,))
     stream = data_stream(batches, start)
 
+    local = data_lib.local_rows(config.batch_size, jax.process_count())
+
     def images_only(it):
         for images, _ in it:
             images = np.asarray(images, np.float32)
-            if images.shape != (config.batch_size, size, size, 3):
-                raise ValueError(f"batch of shape {images.shape}, expected {(config.batch_size, size, size, 3)}")
+            if images.shape != (local, size, size, 3):
+                raise ValueError(f"batch of shape {images.shape}, expected {(local, size, size, 3)}")
             yield images
 
     def device_batches():
@@ -348,7 +361,8 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
             yield (parallel.global_batch(mesh, images),)
 
     if start < config.max_steps:
-        state = loop.train_loop(state, update, device_batches(), manager=manager, meta=meta, workdir=workdir,
+        update, steps = loop.compile_first(update, state, device_batches(), "vae")
+        state = loop.train_loop(state, update, steps, manager=manager, meta=meta, workdir=workdir,
                                 max_steps=config.max_steps, log_every=config.log_every,
                                 save_every=config.save_every, batch_size=config.batch_size, desc="vae")
 
@@ -358,7 +372,9 @@ def train_vae(config, workdir: str, batches, log=print) -> vae_lib.VAE:
     std, p = latent_stats(module, state.params, imgs, config.seed + 1, mesh)
     # a fragile fine-tune keeps its latents where the anchor's were, so keeps its scale too
     scaling = init_scaling if fragile_cfg is not None and init_scaling else 1.0 / std
-    vae = write_vae(module, state.params, scaling, os.path.join(workdir, "vae"))
+    out = os.path.join(workdir, "vae")   # process 0 writes it; the others find it after a barrier
+    vae = parallel.process0_first(lambda: write_vae(module, state.params, scaling, out,
+                                                    save=jax.process_index() == 0), "vae: written")
     log(f"vae: latent std {std:.4f}, scaling_factor {scaling:.4f}; reconstruction PSNR {p:.2f} dB "
         f"(posterior mean, {len(imgs)} batches); wrote {os.path.join(workdir, 'vae')}")
     if jax.process_index() == 0:
