@@ -1,7 +1,8 @@
 """Many hosts on one machine: ``train.py``, ``perturb.py train``, ``perturb.py apply`` and
 ``build_world --stages=data,vae`` started as 2 processes x 4 simulated CPU devices with a plain
-coordinator on 127.0.0.1 (gloo collectives) give the result of 1 process x 8 devices with the same seed: the same global batches, loss curves
-and final parameters, the same protected files and one report.csv."""
+coordinator on 127.0.0.1 (gloo collectives) give the result of 1 process x 8 devices with the same
+seed: the same global batches, loss curves and final parameters, the same protected files and one
+report.csv."""
 import csv
 import hashlib
 import json

@@ -1,7 +1,6 @@
 """The shortcut-model training job behind ``train.py``: data, sharding, loop, logs, checkpoints."""
 from __future__ import annotations
 
-import itertools
 import os
 
 import jax
@@ -121,13 +120,8 @@ def train(config, workdir: str, log=print):
                                   {"step": done, **{f"fid_{k}": v for k, v in scores.items()}})
 
     stream = batches()
-    if start < config.max_steps and jax.process_count() > 1:
-        # compile the step on the first batch, then a barrier, so that across hosts the steps'
-        # collectives start together however long each host took to compile (see parallel.sync)
-        first = next(stream)
-        update = update.lower(state, *first).compile()
-        parallel.sync("shortcut: compiled")
-        stream = itertools.chain([first], stream)
+    if start < config.max_steps:
+        update, stream = loop.compile_first(update, state, stream, "shortcut")
     try:
         return loop.train_loop(state, update, stream, manager=manager, meta=meta, workdir=workdir,
                                max_steps=config.max_steps, log_every=config.log_every,
