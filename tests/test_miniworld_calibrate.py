@@ -49,9 +49,12 @@ def _row(method, setting, ism, ism_others=0.05, fdfr=0.1):
 
 
 def test_gates_pass_and_fail_on_the_stated_thresholds():
-    rows = [_row("none", "none", 0.55), _row("none", "JPEG 75", 0.54), _row("none", "blur σ=1", 0.53),
-            _row("advdm", "none", 0.30, fdfr=0.3), _row("advdm", "JPEG 75", 0.50), _row("advdm", "blur σ=1", 0.52),
-            _row("aspl", "none", 0.45), _row("aspl", "JPEG 75", 0.30), _row("aspl", "blur σ=1", 0.53)]
+    # the rows carry the evaluation's own setting names, those gate_config asks it to run
+    none, jpeg, blur = calibrate.gate_config(calibrate.MODELS, 4, 200).settings
+    assert (jpeg, blur) == ("jpeg:quality=75", "blur:sigma=1.0")
+    rows = [_row("none", none, 0.55), _row("none", jpeg, 0.54), _row("none", blur, 0.53),
+            _row("advdm", none, 0.30, fdfr=0.3), _row("advdm", jpeg, 0.50), _row("advdm", blur, 0.52),
+            _row("aspl", none, 0.45), _row("aspl", jpeg, 0.30), _row("aspl", blur, 0.53)]
     g = {x["gate"]: x for x in calibrate.gates(rows, {"psnr_drop": 3.0})}
     assert not g["PhotoGuard eps 0.06: PSNR(D(E(x'))) drop, dB"]["passed"]
     assert g["clean DreamBooth: own ISM / others"]["passed"]

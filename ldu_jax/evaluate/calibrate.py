@@ -51,7 +51,8 @@ BUDGET_36DB_RMS = 10 ** (-36 / 20)      # RMS on [0, 1] of a change at PSNR 36 d
 PHOTOGUARD = {"eps": 0.06 / 2, "step_size": 0.02 / 2}
 ADVDM_8 = {"eps": 8 / 255, "step_size": 1 / 255, "steps": 50}
 ASPL_005 = {"eps": 0.05 / 2, "step_size": 0.005 / 2, "steps": 6, "rounds": 10}
-GATE_SETTINGS = ("none", "jpeg:quality=75", "blur:sigma=1.0")
+PURIFICATIONS = {"jpeg:quality=75": "JPEG 75", "blur:sigma=1.0": "blur σ=1"}   # the gates' settings: labels
+GATE_SETTINGS = ("none", *PURIFICATIONS)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -346,15 +347,17 @@ def gates(rows, encoder: dict | None = None, identity: dict | None = None) -> li
         out.append({"gate": "(clean DreamBooth: own - others, share of the real photos')",
                     "value": gap / (real_own - real_others), "threshold": None, "passed": None})
     for method, label in (("advdm", "AdvDM 8/255"), ("aspl", "ASPL eps 0.05")):
-        cut = {s: cell("none", s, "ism") - cell(method, s, "ism") for s in ("none", "JPEG 75", "blur σ=1")}
+        # rows name a setting as the evaluation parses it
+        cut = {s: cell("none", str(purify.parse(s)), "ism") - cell(method, str(purify.parse(s)), "ism")
+               for s in GATE_SETTINGS}
         out.append({"gate": f"{label}: ISM cut / clean gap", "value": cut["none"] / gap, "threshold": 0.4,
                     "passed": cut["none"] >= 0.4 * gap})
         d_fdfr = cell(method, "none", "fdfr") - cell("none", "none", "fdfr")
         out.append({"gate": f"{label}: FDFR rise", "value": d_fdfr, "threshold": 0.0, "passed": d_fdfr > 0})
-        for s in ("JPEG 75", "blur σ=1"):
+        for s, name in PURIFICATIONS.items():
             if not np.isfinite(cut[s]):
                 continue            # that purification was not run (--gate_settings)
-            out.append({"gate": f"{label}: cut after {s} < cut without", "value": cut[s],
+            out.append({"gate": f"{label}: cut after {name} < cut without", "value": cut[s],
                         "threshold": cut["none"], "passed": cut[s] < cut["none"]})
     return out
 
