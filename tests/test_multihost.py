@@ -58,9 +58,24 @@ def run_processes(argv, n: int, devices: int, timeout: int = 900, rc: int = 0):
     return out
 
 
+def one_and_two(args, tmp):
+    """Run ``args`` as 1 process x 8 devices in ``tmp/one`` and as 2 x 4 in ``tmp/two`` (--workdir);
+    return both work dirs."""
+    single, multi = str(tmp / "one"), str(tmp / "two")
+    run_processes([*args, f"--workdir={single}"], 1, 8)
+    run_processes([*args, f"--workdir={multi}"], 2, 4)
+    return single, multi
+
+
 def _losses(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def assert_same_curve(a: dict, b: dict):
+    """The same global batches and steps: loss curves equal up to the reductions' float rounding."""
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +83,7 @@ def shortcut_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     args = ["train.py", "--config=configs/shortcut_tiny.py", "--config.max_steps=6", "--config.log_every=2",
             "--config.save_every=6", "--config.batch_size=16", "--config.sample_every=0", "--config.num_samples=0"]
-    single, multi = str(tmp / "one"), str(tmp / "two")
-    run_processes([*args, f"--workdir={single}"], 1, 8)
-    run_processes([*args, f"--workdir={multi}"], 2, 4)
-    return single, multi
+    return one_and_two(args, tmp)
 
 
 def test_two_processes_train_the_shortcut_model_as_one(shortcut_runs):
@@ -81,8 +93,7 @@ def test_two_processes_train_the_shortcut_model_as_one(shortcut_runs):
     # the same global batches and steps: the loss curves agree to float rounding of the reductions
     # (other batches give losses 10% apart: the synthetic images' waves differ per draw)
     assert len({round(v, 4) for v in a.values()}) == 3
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    assert_same_curve(a, b)
     pa, _ = ckpt.restore_params(single, ema=False)
     pb, _ = ckpt.restore_params(multi, ema=False)
     assert jax.tree_util.tree_structure(pa) == jax.tree_util.tree_structure(pb)
@@ -98,10 +109,7 @@ def rho_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rho")
     args = ["perturb.py", "train", "--config=configs/ldu_tiny.py", "--config.max_steps=4", "--config.log_every=2",
             "--config.save_every=4", "--config.batch_size=8"]
-    single, multi = str(tmp / "one"), str(tmp / "two")
-    run_processes([*args, f"--workdir={single}"], 1, 8)
-    run_processes([*args, f"--workdir={multi}"], 2, 4)
-    return single, multi
+    return one_and_two(args, tmp)
 
 
 def test_two_processes_train_rho_as_one(rho_runs):
@@ -109,8 +117,7 @@ def test_two_processes_train_rho_as_one(rho_runs):
     a, b = _losses(single), _losses(multi)
     assert sorted(a) == sorted(b) == [2, 4]
     assert a[2] != a[4]   # the batches and ρ change between log steps
-    for step in a:        # the same global batches and steps: equal up to the reductions' rounding
-        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    assert_same_curve(a, b)
     ra, rb = (ckpt.restore_state(w)[0] for w in (single, multi))
     assert int(np.asarray(ra["step"])) == int(np.asarray(rb["step"])) == 4
     # 4 AdamW steps (lr 1e-3) through the pipeline (~250 layers) and ρ (14), forward and backward,
@@ -198,9 +205,7 @@ def test_two_processes_build_the_world_data_and_vae_as_one(tmp_path):
     final parameters agree; one manifest and one VAE folder."""
     args = ["-m", "ldu_jax.cli.build_world", "--profile=test", "--stages=data,vae", "--set=vae.max_steps=6",
             "--set=vae.log_every=2", "--set=vae.save_every=6"]
-    single, multi = str(tmp_path / "one"), str(tmp_path / "two")
-    run_processes([*args, f"--workdir={single}"], 1, 8)
-    run_processes([*args, f"--workdir={multi}"], 2, 4)
+    single, multi = one_and_two(args, tmp_path)
     assert _tree_digest(os.path.join(single, "data")) == _tree_digest(os.path.join(multi, "data"))
     for w in (single, multi):
         manifest = json.load(open(os.path.join(w, "manifest.json")))
@@ -208,8 +213,7 @@ def test_two_processes_build_the_world_data_and_vae_as_one(tmp_path):
     a, b = _losses(os.path.join(single, "vae")), _losses(os.path.join(multi, "vae"))
     assert sorted(a) == sorted(b) == [2, 4, 6]
     assert len({round(v, 4) for v in a.values()}) == 3   # the batches and the VAE change between log steps
-    for step in a:   # the same global batches and steps: equal up to the reductions' rounding
-        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    assert_same_curve(a, b)
     pa, pb = (ckpt.restore_state(os.path.join(w, "vae"))[0]["params"] for w in (single, multi))
     # 6 AdamW steps (configs/miniworld_vae.py:test, lr 3e-3) of the VAE's loss, forward and
     # backward through the encoder and decoder (~100 layers), gradients reduced in another grouping
