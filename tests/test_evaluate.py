@@ -109,6 +109,23 @@ def test_ism_drop_is_clean_minus_cell_per_subject_and_attack():
     assert "ISM drop↑" in md and "| ldu | none | ti | 2 | 0.450 ± 0.150 | 0.150 ± 0.050 |" in md
 
 
+
+def test_ism_drop_against_psnr_plots_each_protection_group(tmp_path):
+    row = lambda s, m, st, ism, psnr: {"subject": s, "method": m, "setting": st, "attack": "dreambooth",  # noqa: E731
+                                       "status": "done", "ism": ism, "psnr": psnr}
+    rows = report.with_ism_drop([
+        row("a", "none", "none", 0.5, float("inf")), row("b", "none", "none", 0.7, float("inf")),
+        row("a", "advdm", "none", 0.3, 36.0), row("b", "advdm", "none", 0.6, 37.0),
+        row("a", "advdm", "jpeg:quality=75", 0.45, 36.0), row("a", "ldu", "none", 0.5, None)])
+    points = report.tradeoff_points(report.summarize(rows))
+    # the clean photos (PSNR inf) and a group without PSNR are no protection point
+    assert [p[:3] for p in points] == [("advdm", "none", "dreambooth"), ("advdm", "jpeg:quality=75", "dreambooth")]
+    assert points[0][3:] == pytest.approx((36.5, 0.15, 0.05)) and points[1][3:] == pytest.approx((36.0, 0.05, 0.0))
+    report.write_plots(str(tmp_path), rows)
+    assert os.path.getsize(tmp_path / "plots" / "ism_drop_vs_psnr.png") > 1000
+    report.write_plots(str(tmp_path / "clean_only"), rows[:2])
+    assert not os.path.exists(tmp_path / "clean_only" / "plots" / "ism_drop_vs_psnr.png")
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="no config key 'max_stepz'"):
         config_file.load("configs/attack_ti_tiny.py", {"max_stepz": 1})

@@ -1,5 +1,5 @@
 """An evaluation's outputs: results.csv, results.md (mean ± std over subjects), plots/ (bars per
-metric, sample grids per method)."""
+metric, ISM drop against PSNR, sample grids per method)."""
 from __future__ import annotations
 
 import csv
@@ -117,7 +117,8 @@ def write_results(workdir: str, rows, cfg=None):
 
 
 def write_plots(workdir: str, rows):
-    """plots/<metric>.png: bars per method, grouped by setting, one panel per attack."""
+    """plots/<metric>.png: bars per method, grouped by setting, one panel per attack; and
+    plots/ism_drop_vs_psnr.png (``tradeoff_points``), where the rows have both."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -129,7 +130,7 @@ def write_plots(workdir: str, rows):
     attacks = list(dict.fromkeys(k[2] for k in groups))
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     for key, label, _ in TABLE_METRICS:
-        if not any(v is not None and math.isfinite(v) for g in groups.values() for v in g[key]):
+        if not any(_finite(g[key]) for g in groups.values()):
             continue
         fig, axes = plt.subplots(1, len(attacks), figsize=(4 + 2 * len(methods), 3.2), squeeze=False)
         width = 0.8 / len(settings)
@@ -137,7 +138,7 @@ def write_plots(workdir: str, rows):
             for j, s in enumerate(settings):
                 means, stds = [], []
                 for m in methods:
-                    vals = [v for v in groups.get((m, s, a), {}).get(key, []) if v is not None and math.isfinite(v)]
+                    vals = _finite(groups.get((m, s, a), {}).get(key, []))
                     means.append(np.mean(vals) if vals else np.nan)
                     stds.append(np.std(vals) if vals else 0.0)
                 ax.bar(np.arange(len(methods)) + j * width, means, width, yerr=stds, label=s)
@@ -145,9 +146,55 @@ def write_plots(workdir: str, rows):
             ax.set_title(f"{label} — {a}")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        with files.atomic_write(os.path.join(workdir, "plots", f"{key}.png")) as f:
-            fig.savefig(f, dpi=80, format="png")
-        plt.close(fig)
+        _save(plt, fig, os.path.join(workdir, "plots", f"{key}.png"))
+    points = tradeoff_points(groups)
+    if points:
+        _plot_tradeoff(plt, points, attacks, os.path.join(workdir, "plots", "ism_drop_vs_psnr.png"))
+
+
+def _save(plt, fig, path):
+    with files.atomic_write(path) as f:
+        fig.savefig(f, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _finite(values):
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def tradeoff_points(groups) -> list[tuple]:
+    """(method, setting, attack, PSNR mean, ISM drop mean, ISM drop std) of every group of
+    ``summarize`` with a finite PSNR (a protection: the clean photos have none) and an ISM drop."""
+    out = []
+    for (m, s, a), g in groups.items():
+        psnr, drop = _finite(g["psnr"]), _finite(g["ism_drop"])
+        if psnr and drop:
+            out.append((m, s, a, float(np.mean(psnr)), float(np.mean(drop)), float(np.std(drop))))
+    return out
+
+
+def _plot_tradeoff(plt, points, attacks, path):
+    """One panel per attack: ISM drop (mean ± std over subjects) against the protected photos' PSNR;
+    a colour per method, a marker per setting."""
+    methods = list(dict.fromkeys(p[0] for p in points))
+    settings = list(dict.fromkeys(p[1] for p in points))
+    colours = plt.get_cmap("tab10")
+    markers = "osD^v<>px*"
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4), squeeze=False)
+    for ax, a in zip(axes[0], attacks):
+        for m, s, pa, psnr, drop, std in points:
+            if pa != a:
+                continue
+            i, j = methods.index(m), settings.index(s)
+            ax.errorbar(psnr, drop, yerr=std, fmt=markers[j % len(markers)], color=colours(i % 10), capsize=2,
+                        label=f"{m} / {s}")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("PSNR of the protected photos (dB)")
+        ax.set_ylabel("ISM drop vs clean ↑")
+        ax.set_title(f"ISM drop against PSNR — {a}")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(plt, fig, path)
 
 
 def write_sample_grids(workdir: str, rows, per_cell: int = 4):
