@@ -44,7 +44,7 @@ from ldu_jax.miniworld.train_vae import train_vae
 
 PROFILES = ("full", "test", "v2", "fragile")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
-MULTIHOST_STAGES = ("data", "vae")   # the stages that run across hosts (the others refuse to)
+MULTIHOST_STAGES = ("data", "identity", "vae", "t2i")   # the stages that run across hosts (the others refuse to)
 STAGE_CONFIGS = {"vae": "miniworld_vae", "t2i": "miniworld_t2i", "identity": "miniworld_identity",
                  "shortcut": "miniworld_shortcut", "rho": "ldu_miniworld"}
 # what each shipped checkpoint keeps of its training state (the loaders read exactly these)
@@ -178,8 +178,10 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print, setting
         elif stage == "identity":
             identity.train(c, p("identity"), log=log)
             out = p("identity")
-            info["eval"] = identity.measure(identity.load(out), n_identities=c.eval_heldout)
-            log(f"[identity] held-out identities: {info['eval']}")
+            model = identity.load(out)   # every host: orbax restores involve them all
+            if jax.process_index() == 0:   # the measure is not split: process 0's own devices, no collective
+                info["eval"] = identity.measure(model, n_identities=c.eval_heldout)
+                log(f"[identity] held-out identities: {info['eval']}")
         elif stage == "vae":
             train_vae(c, p("vae"), world_batches(d["n_train"], c.batch_size, c.seed, look["size"],
                                                  style=look["style"]), log=log)
@@ -190,10 +192,11 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print, setting
                                                               scene=scene),
                                    p("vae", "vae"), log=log, vocabulary=world.vocabulary(scene))
             out = p("t2i", "sd")
-            held = world.heldout_identities(32)
-            info["text_use"] = text_use(sd, params, world.render_batch(held, np.arange(32), sd.resolution),
-                                        [world.caption(h, v, scene) for v, h in enumerate(held)])
-            log(f"[t2i] loss on held-out portraits with captions / shuffled / empty: {info['text_use']}")
+            if jax.process_index() == 0:   # not split: process 0 on host params (no collective)
+                held = world.heldout_identities(32)
+                info["text_use"] = text_use(sd, params, world.render_batch(held, np.arange(32), sd.resolution),
+                                            [world.caption(h, v, scene) for v, h in enumerate(held)])
+                log(f"[t2i] loss on held-out portraits with captions / shuffled / empty: {info['text_use']}")
         elif stage == "shortcut":
             c.dataset, c.vae = p("data", "train", "images"), p("vae", "vae")
             train_shortcut.train(c, p("shortcut"), log=log)

@@ -130,25 +130,33 @@ def make_train_step(net, tx, config):
     return step
 
 
-def make_batch(config, identities, step: int):
+def make_batch(config, identities, step: int, rows: slice = slice(None)):
     """(images [B + B_neg, S, S, 3] float32, labels int32 with -1 for non-faces) of step ``step``.
 
     A ``config.blur_prob`` share of the images (faces and non-faces) is Gaussian-blurred with sigma
-    in [0.3, ``config.blur_max``] px, so that blurred faces (purified or generated) still count."""
+    in [0.3, ``config.blur_max``] px, so that blurred faces (purified or generated) still count.
+    ``rows``: only these rows of that batch (a host's share across hosts; every random draw is made
+    for the whole batch, so the rows are those of the whole batch whatever the split)."""
     r = np.random.default_rng([int(config.seed), 0xBA7C, int(step)])
     labels = r.integers(len(identities), size=config.batch_size)
     variants = r.integers(2 ** 31, size=config.batch_size)
-    faces = [world.render(identities[i], v, config.image_size) for i, v in zip(labels, variants)]
-    negs = [world.render_nonface(int(step) * config.neg_batch + j, seed=int(config.seed) * 7 + 1,
-                                 size=config.image_size) for j in range(config.neg_batch)]
+    total = config.batch_size + config.neg_batch
+    keep = range(total)[rows]
+    faces = [world.render(identities[labels[k]], variants[k], config.image_size) for k in keep
+             if k < config.batch_size]
+    negs = [world.render_nonface(int(step) * config.neg_batch + k - config.batch_size, seed=int(config.seed) * 7 + 1,
+                                 size=config.image_size) for k in keep if k >= config.batch_size]
     images = np.stack(faces + negs).astype(np.float32)
     blur_p, blur_max = float(config.get("blur_prob", 0.0)), float(config.get("blur_max", 1.5))
     if blur_p > 0:  # faces and non-faces alike, so sharpness is no cue for the detector
         from scipy.ndimage import gaussian_filter
-        for k in np.flatnonzero(r.uniform(size=len(images)) < blur_p):
-            sigma = r.uniform(0.3, blur_max)
-            images[k] = gaussian_filter(images[k], sigma=(sigma, sigma, 0), mode="reflect")
-    return images, np.concatenate([labels, -np.ones(config.neg_batch, np.int64)]).astype(np.int32)
+        for k in np.flatnonzero(r.uniform(size=total) < blur_p):
+            sigma = r.uniform(0.3, blur_max)   # drawn for every blurred row, kept or not
+            if k in keep:
+                i = keep.index(k)
+                images[i] = gaussian_filter(images[i], sigma=(sigma, sigma, 0), mode="reflect")
+    all_labels = np.concatenate([labels, -np.ones(config.neg_batch, np.int64)]).astype(np.int32)
+    return images, all_labels[rows]
 
 
 def _prefetch(make, start: int, depth: int):
@@ -196,7 +204,10 @@ def make_meta(config, params) -> dict:
 
 
 def train(config, workdir: str, log=print) -> TrainState:
-    """Train (or resume) the identity model in ``workdir``; returns the final train state."""
+    """Train (or resume) the identity model in ``workdir``; returns the final train state. Across
+    n hosts each renders its rows of every global batch of ``batch_size + neg_batch`` images
+    (``make_batch``'s ``rows``), the parameters are replicated, every host takes part in the
+    checkpoints and process 0 writes ``metrics.jsonl``."""
     total = config.batch_size + config.neg_batch
     mesh = parallel.batch_mesh(total)
     dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
@@ -213,14 +224,19 @@ def train(config, workdir: str, log=print) -> TrainState:
     update = jax.jit(make_train_step(net, tx, config), in_shardings=(shardings, dsh, dsh),
                      out_shardings=(shardings, rep), donate_argnums=(0,))
     identities = world.train_identities(config.n_identities, config.world_seed)
-    host = _prefetch(lambda k: make_batch(config, identities, k), start, config.prefetch)
+    local = data_lib.local_rows(total, jax.process_count())   # this host's rows of each global batch
+    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    host = _prefetch(lambda k: make_batch(config, identities, k, rows), start, config.prefetch)
 
     def batches():
         for images, labels in host:
-            yield jax.device_put(images, dsh), jax.device_put(labels, dsh)
+            yield parallel.global_batch(mesh, images), parallel.global_batch(mesh, labels)
 
     try:
-        return loop.train_loop(state, update, batches(), manager=manager, meta=meta, workdir=workdir,
+        if start >= config.max_steps:
+            return state
+        update, steps = loop.compile_first(update, state, batches(), "identity")
+        return loop.train_loop(state, update, steps, manager=manager, meta=meta, workdir=workdir,
                                max_steps=config.max_steps, log_every=config.log_every,
                                save_every=config.save_every, batch_size=total, desc="identity")
     finally:

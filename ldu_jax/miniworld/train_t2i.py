@@ -20,6 +20,10 @@ reads it, ``ldu_jax.personalize.common.generate`` samples from it, and the attac
 ``batches``: an iterator of ``(images [B, R, R, 3] in [-1, 1], captions list[str])``, or a
 callable ``start_step -> such an iterator`` (a resumed run then continues the stream). A rerun
 resumes from the newest orbax checkpoint and reuses the tokenizer saved in ``<workdir>/tokenizer``.
+Across n hosts each gives its B / n rows of the global batch (``data.local_rows``); the
+parameters are replicated, every host takes part in the checkpoints, process 0 writes the
+tokenizer (from ``vocabulary``, which a run across hosts must give), ``metrics.jsonl``, ``sd/``
+and the samples.
 """
 from __future__ import annotations
 
@@ -209,11 +213,18 @@ def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary
     os.makedirs(workdir, exist_ok=True)
     vae = vae_lib.load_vae(vae_dir)
     tok_dir = os.path.join(workdir, "tokenizer")
-    if os.path.isfile(os.path.join(tok_dir, "vocab.json")):
-        tok = load_tokenizer(tok_dir, config.model.text.max_length)
-    else:
+    if jax.process_count() > 1 and vocabulary is None and not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+        raise ConfigError("train_t2i across hosts needs vocabulary= (each host reads only its rows' captions, so "
+                          "a tokenizer built from them would depend on the number of hosts)")
+
+    def tokenizer():   # process 0 builds it; the others load it after a barrier
+        nonlocal batches
+        if os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+            return load_tokenizer(tok_dir, config.model.text.max_length)
         texts, batches = _vocabulary(config, batches, vocabulary, log)
-        tok = build_tokenizer(texts, tok_dir, config.model.text.max_length, config.base_words)
+        return build_tokenizer(texts, tok_dir, config.model.text.max_length, config.base_words)
+
+    tok = parallel.process0_first(tokenizer, "t2i: tokenizer")
     sd = make_sd(config, vae, tok)
     r = sd.resolution
 
@@ -243,24 +254,32 @@ def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary
                      donate_argnums=(0,))
     vae_params = jax.device_put(vae.params, rep)
 
+    local = data_lib.local_rows(config.batch_size, jax.process_count())   # this host's rows of a global batch
+
     def device_batches():
         for images, captions in data_stream(batches, start):
             images = np.asarray(images, np.float32)
-            if images.shape != (config.batch_size, r, r, 3) or len(captions) != config.batch_size:
+            if images.shape != (local, r, r, 3) or len(captions) != local:
                 raise ValueError(f"batch of {images.shape} images and {len(captions)} captions, expected "
-                                 f"{(config.batch_size, r, r, 3)} and {config.batch_size}")
+                                 f"{(local, r, r, 3)} and {local}")
             yield (vae_params, parallel.global_batch(mesh, images),
                    parallel.global_batch(mesh, sdm.tokenize(sd, list(captions))))
 
     if start < config.max_steps:
-        state = loop.train_loop(state, update, device_batches(), manager=manager, meta=meta, workdir=workdir,
+        update, steps = loop.compile_first(update, state, device_batches(), "t2i")
+        state = loop.train_loop(state, update, steps, manager=manager, meta=meta, workdir=workdir,
                                 max_steps=config.max_steps, log_every=config.log_every,
                                 save_every=config.save_every, batch_size=config.batch_size, desc="t2i")
 
     final = jax.device_get(state.params_ema if config.ema > 0 else state.params)
-    params = write_bundle(sd, jax.device_get(vae.params), final, os.path.join(workdir, "sd"))
-    log(f"t2i: wrote {os.path.join(workdir, 'sd')}")
+    out, vae_host = os.path.join(workdir, "sd"), jax.device_get(vae.params)
+    # process 0 writes the bundle; the others find it written after a barrier
+    params = parallel.process0_first(lambda: write_bundle(sd, vae_host, final, out) if jax.process_index() == 0
+                                     else {"vae": vae_host, **final}, "t2i: bundle written")
+    log(f"t2i: wrote {out}")
     if config.num_samples and config.sample_prompts and jax.process_index() == 0:
+        # sampling is not split across hosts: process 0 alone, on its own devices (the params are
+        # host arrays, so no collective), while the others go on to the caller's next barrier
         write_samples(sd, params, config, os.path.join(workdir, "samples", f"step_{int(state.step)}.png"))
     return sd, params
 
