@@ -1,6 +1,6 @@
 """The mini-world's face recognition model: identity embedder + face / no-face detector.
 
-    python -m ldu_jax.miniworld.identity --config=configs/miniworld_identity.py --workdir=runs/mw_identity
+    python -m ldu_jax.cli.build_world --workdir=runs/miniworld --stages=data,identity   # the build's identity stage
 
 Data are rendered on the fly by ``ldu_jax.miniworld.world`` (batch k is a function of (seed, k)).
 """
