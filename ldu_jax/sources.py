@@ -151,16 +151,16 @@ def sample_folder(workdir: str, kind: str = SAMPLES, count: int = SAMPLE_COUNT) 
     return folder
 
 
-def dataset_folder(spec: str, workdir: str, write: bool = True) -> str:
+def dataset_folder(spec: str, workdir: str) -> str:
     """The image folder of a training ``dataset``: a folder, 'samples' or 'miniworld' (the world's
-    training portraits, rendered into ``workdir`` once). ``write=False``: the folder's path only,
-    for a host that reads what another host wrote."""
+    training portraits, rendered into ``workdir`` once). Writing skips the images that exist, so
+    every host may call it after process 0 (``parallel.process0_first``), on a shared file system
+    or its own disk."""
     if spec == SAMPLES:
-        return sample_folder(workdir) if write else os.path.join(workdir, "sample_images")
+        return sample_folder(workdir)
     if spec == MINIWORLD:
         root = os.path.join(workdir, "miniworld_train")
-        if write:
-            world.write_training_set(root, *MINIWORLD_TRAIN)
+        world.write_training_set(root, *MINIWORLD_TRAIN)
         return os.path.join(root, "images")
     return spec
 

@@ -42,9 +42,8 @@ def train_rho(config, workdir: str, log=print):
     built-in image folders (the others read them after a barrier); every host takes part in the
     checkpoints. The result does not depend on the number of hosts."""
     os.makedirs(workdir, exist_ok=True)
-    first = jax.process_index() == 0
     folder, heldout = parallel.process0_first(
-        lambda: (sources.dataset_folder(config.dataset, workdir, write=first),
+        lambda: (sources.dataset_folder(config.dataset, workdir),
                  sources.heldout_folder(config.get("heldout", ""), workdir)), "ldu-rho: image folders written")
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
     parallel.sync("ldu-rho: models loaded")   # each host compiled its own model inits (see parallel.sync)
