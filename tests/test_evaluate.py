@@ -1,11 +1,13 @@
 """The evaluation runner: tiny end-to-end run, cache on rerun, skipped cells, the results table."""
 import csv
+import json
 import os
+import shutil
 
 import pytest
 
 from ldu_jax import config_file, evaluate, sources
-from ldu_jax.evaluate import report, subjects
+from ldu_jax.evaluate import report, runner, subjects
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,38 @@ def test_rerun_is_served_from_cache(tiny_eval):
     assert os.stat(cell).st_mtime_ns == before
     key = lambda r: (r["subject"], r["method"], r["setting"], r["attack"])  # noqa: E731
     assert {key(r): r.get("ism") for r in again} == {key(r): r.get("ism") for r in rows}
+
+
+def test_a_cell_cached_with_another_config_stops_the_rerun(tiny_eval, tmp_path):
+    c, workdir, rows, _ = tiny_eval
+    cell = os.path.join(workdir, "cells", "subject_0", "none", "none", "ti", "cell.json")
+    with open(cell) as f:
+        assert json.load(f)["recipe"]["attack"]["config"]["max_steps"] == 3
+    other = c.copy_and_resolve_references()
+    other.attack_overrides = {"ti": {"max_steps": 4, "save_every": 3}}
+    with pytest.raises(runner.StaleCacheError, match=r"none/none/ti/cell.json .*max_steps: 3 -> 4"):
+        evaluate.run(other, workdir, log=lambda *_: None)
+    # a protection cached with another config is refused too, when a cell needs it again
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    os.remove(copy / "cells" / "subject_0" / "ldu" / "none" / "ti" / "cell.json")
+    other = c.copy_and_resolve_references()
+    other.method_overrides = {**c.method_overrides, "ldu": {"max_steps": 2, "save_every": 2, "eps": 1e-3}}
+    other.methods, other.settings = ("ldu",), ("none",)
+    with pytest.raises(runner.StaleCacheError, match=r"ldu/protect.json .*eps"):
+        evaluate.run(other, str(copy), log=lambda *_: None)
+    # a work dir from before recipes were recorded is served as it is
+    legacy = tmp_path / "legacy"
+    shutil.copytree(workdir, legacy)
+    for path in legacy.rglob("*.json"):
+        if path.name in ("cell.json", "protect.json"):
+            entry = json.loads(path.read_text())
+            entry.pop("recipe")
+            path.write_text(json.dumps(entry))
+    other = c.copy_and_resolve_references()
+    other.attack_overrides, other.cached_only = {"ti": {"max_steps": 4}}, True
+    again = evaluate.run(other, str(legacy), log=lambda *_: None)
+    assert sum(r["status"] == "done" for r in again) == 4
 
 
 def test_cached_only_tabulates_the_cache_and_runs_nothing(tiny_eval):

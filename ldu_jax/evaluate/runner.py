@@ -14,13 +14,18 @@ measures them. Work dir::
     results.csv  results.md  plots/*.png
 
 A finished cell (its cell.json) is served from cache on a rerun; a cell that failed or was skipped
-is retried; ``cached_only=True`` tabulates the cached cells of the grid and runs nothing (a grid run
+is retried. protect.json and cell.json record the recipe they were made with (the method's and the
+attack's resolved configs, the setting and the evaluation keys in ``CELL_KEYS``): a rerun whose
+recipe for a cached cell differs stops with an error naming the cell and the keys, rather than
+serving results of another config (work dirs from before recipes were recorded are served as they
+are); ``cached_only=True`` tabulates the cached cells of the grid and runs nothing (a grid run
 in parts). ISM drop: the clean photos' ISM (method and setting none, same subject and attack) minus
 the cell's. Bad input (a subject without set_B, a missing metric model, photos without faces) marks
 that cell or metric skipped with its reason and the rest goes on.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -37,6 +42,35 @@ from ldu_jax.evaluate.report import slug, with_ism_drop, write_results
 from ldu_jax.evaluate.subjects import find_subjects, read_images
 from ldu_jax.jobs import attack as attack_lib
 from ldu_jax.jobs import protect as protect_job
+
+
+# the evaluation's keys a cell's result depends on, besides its method's and attack's configs
+CELL_KEYS = ("seed", "data", "sd", "shortcut", "reference_sets", "num_samples", "face_backend", "fid_weights",
+             "clip_iqa")
+
+
+def _plain(obj):
+    """``obj`` as JSON reads it back (tuples as lists, keys sorted): recipes compare equal when they are."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _diff(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+class StaleCacheError(ConfigError):
+    """A cached protection or cell made with another config: stops the evaluation (not one cell)."""
+
+
+def check_recipe(path: str, cached: dict, recipe: dict):
+    """Raise StaleCacheError if the cache entry ``path`` (its JSON ``cached``) was made with another recipe."""
+    if "recipe" in cached and cached["recipe"] != _plain(recipe):
+        diff = _diff(cached["recipe"], _plain(recipe))
+        raise StaleCacheError(f"{path} was made with another config ({'; '.join(diff[:4])}"
+                          f"{'; ...' if len(diff) > 4 else ''}): evaluate into a new work dir, or delete the "
+                          f"cached cell to recompute it")
 
 
 class Runner:
@@ -79,9 +113,11 @@ class Runner:
             return clean, {"n_protected": len(read_images(clean)[0]), "psnr": math.inf, "ssim": 1.0, "linf": 0.0}
         base = os.path.join(self.workdir, "cells", subject, method)
         out = os.path.join(base, "protected")
+        recipe = self.protect_recipe(method)
         done = files.read_json(os.path.join(base, "protect.json"))
         if done is not None:
-            return out, done
+            check_recipe(os.path.join(base, "protect.json"), done, recipe)
+            return out, {k: v for k, v in done.items() if k != "recipe"}
         cfg = self.method_config(method)
         if method not in self._protectors:
             ckpt = self.rho_checkpoint(cfg) if method == "ldu" else None
@@ -93,8 +129,19 @@ class Runner:
         if bad:
             raise RuntimeError(f"{method} could not protect {', '.join(bad)} of {clean}")
         stats = imperceptibility(clean, out, self.metrics)
-        files.write_json(os.path.join(base, "protect.json"), stats)
+        files.write_json(os.path.join(base, "protect.json"), {**stats, "recipe": _plain(recipe)})
         return out, stats
+
+    def protect_recipe(self, method: str) -> dict:
+        if method == "none":
+            return {"method": method}
+        return {"method": method, "config": self.method_config(method).to_dict(),
+                **({"rho_checkpoint": self.cfg.rho_checkpoint} if method == "ldu" else {})}
+
+    def cell_recipe(self, method: str, setting: str, attack: str) -> dict:
+        return {"protect": self.protect_recipe(method), "setting": setting,
+                "attack": {"name": attack, "config": self.attack_config(attack).to_dict()},
+                **{k: self.cfg.get(k) for k in CELL_KEYS}}
 
     # -- purification
     def purify(self, src: str, subject: str, method: str, setting: str) -> str:
@@ -144,13 +191,19 @@ class Runner:
         measured and cached on its own; their attacks trained as one program (``Attacker.run_many``).
         A cell's ``time`` splits its seconds into phases, the shared attack's evenly."""
         setting_name = str(purify.parse(setting))
+        try:
+            recipe = self.cell_recipe(method, setting_name, attack)
+        except Exception:  # noqa: BLE001 - a missing or bad config: each cell below records it
+            recipe = None
         rows, todo = [], []
         for subject in subjects:
             row = {"subject": subject, "method": method, "setting": setting_name, "attack": attack}
             cell_dir = os.path.join(self.workdir, "cells", subject, method, slug(setting_name), attack)
             cached = files.read_json(os.path.join(cell_dir, "cell.json"))
             if cached is not None:
-                rows.append({**cached, "cached": True})
+                if recipe is not None:
+                    check_recipe(os.path.join(cell_dir, "cell.json"), cached, recipe)
+                rows.append({k: v for k, v in cached.items() if k != "recipe"} | {"cached": True})
                 continue
             rows.append(row)
             if self.cfg.get("cached_only"):
@@ -166,6 +219,8 @@ class Runner:
                 images_dir = self.purify(prot_dir, subject, method, setting)
                 clock["purify"] = time.time() - t0 - clock["protect"]
                 todo.append((row, cell_dir, images_dir, time.time() - t0, clock))
+            except StaleCacheError:
+                raise
             except Exception as e:  # noqa: BLE001 - recorded in the row (see _failed)
                 self._failed(row, e)
         if not todo:
@@ -193,7 +248,8 @@ class Runner:
             row["notes"] = "; ".join(n for n in (row.get("notes", ""), gen.pop("notes")) if n)
             row.update(gen)
             row.update(status="done", reason="", seconds=before + share + clock["metrics"], time=clock)
-            files.write_json(os.path.join(cell_dir, "cell.json"), row)
+            files.write_json(os.path.join(cell_dir, "cell.json"),
+                             {**row, "recipe": _plain(recipe)})
         return rows
 
     def _failed(self, row: dict, e: Exception):
