@@ -17,11 +17,11 @@ A finished cell (its cell.json) is served from cache on a rerun; a cell that fai
 is retried. protect.json and cell.json record the recipe they were made with (the method's and the
 attack's resolved configs, the setting and the evaluation keys in ``CELL_KEYS``): a rerun whose
 recipe for a cached cell differs stops with an error naming the cell and the keys, rather than
-serving results of another config (work dirs from before recipes were recorded are served as they
-are); ``cached_only=True`` tabulates the cached cells of the grid and runs nothing (a grid run
-in parts). ISM drop: the clean photos' ISM (method and setting none, same subject and attack) minus
-the cell's. Bad input (a subject without set_B, a missing metric model, photos without faces) marks
-that cell or metric skipped with its reason and the rest goes on.
+serving results of another config; an entry from before recipes were recorded cannot be checked
+and stops a run too. ``cached_only=True`` tabulates the cached cells of the grid (those too) and
+runs nothing (a grid run in parts). ISM drop: the clean photos' ISM (method and setting none, same
+subject and attack) minus the cell's. Bad input (a subject without set_B, a missing metric model,
+photos without faces) marks that cell or metric skipped with its reason and the rest goes on.
 """
 from __future__ import annotations
 
@@ -64,9 +64,16 @@ class StaleCacheError(ConfigError):
     """A cached protection or cell made with another config: stops the evaluation (not one cell)."""
 
 
-def check_recipe(path: str, cached: dict, recipe: dict):
-    """Raise StaleCacheError if the cache entry ``path`` (its JSON ``cached``) was made with another recipe."""
-    if "recipe" in cached and cached["recipe"] != _plain(recipe):
+def check_recipe(path: str, cached: dict, recipe: dict, unrecorded_ok: bool = False):
+    """Raise StaleCacheError if the cache entry ``path`` (its JSON ``cached``) was made with another
+    recipe, or records none (written before recipes were) unless ``unrecorded_ok``."""
+    if "recipe" not in cached:
+        if unrecorded_ok:
+            return
+        raise StaleCacheError(f"{path} records no recipe (written before the evaluation recorded them), so "
+                              f"its config cannot be checked: tabulate it with cached_only=True, or evaluate "
+                              f"into a new work dir")
+    if cached["recipe"] != _plain(recipe):
         diff = _diff(cached["recipe"], _plain(recipe))
         raise StaleCacheError(f"{path} was made with another config ({'; '.join(diff[:4])}"
                           f"{'; ...' if len(diff) > 4 else ''}): evaluate into a new work dir, or delete the "
@@ -202,7 +209,8 @@ class Runner:
             cached = files.read_json(os.path.join(cell_dir, "cell.json"))
             if cached is not None:
                 if recipe is not None:
-                    check_recipe(os.path.join(cell_dir, "cell.json"), cached, recipe)
+                    check_recipe(os.path.join(cell_dir, "cell.json"), cached, recipe,
+                                 unrecorded_ok=bool(self.cfg.get("cached_only")))
                 rows.append({k: v for k, v in cached.items() if k != "recipe"} | {"cached": True})
                 continue
             rows.append(row)
