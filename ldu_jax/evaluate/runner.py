@@ -73,11 +73,11 @@ def check_recipe(path: str, cached: dict, recipe: dict, unrecorded_ok: bool = Fa
         raise StaleCacheError(f"{path} records no recipe (written before the evaluation recorded them), so "
                               f"its config cannot be checked: tabulate it with cached_only=True, or evaluate "
                               f"into a new work dir")
-    if cached["recipe"] != _plain(recipe):
-        diff = _diff(cached["recipe"], _plain(recipe))
+    diff = _diff(cached["recipe"], _plain(recipe))
+    if diff:
         raise StaleCacheError(f"{path} was made with another config ({'; '.join(diff[:4])}"
-                          f"{'; ...' if len(diff) > 4 else ''}): evaluate into a new work dir, or delete the "
-                          f"cached cell to recompute it")
+                              f"{'; ...' if len(diff) > 4 else ''}): evaluate into a new work dir, or delete "
+                              f"the cached cell to recompute it")
 
 
 class Runner:
