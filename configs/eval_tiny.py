@@ -14,7 +14,7 @@ def get_config():
     c.reference_sets = ("set_A",)  # the person's clean photos: ISM reference and FID(gen) reference
     c.sd = "tiny"                  # Stable Diffusion used by the attacks, LDU and DiffPure
     c.shortcut = "random"          # LDU's shortcut model (a train.py work dir) and diffpure model=shortcut
-    c.methods = ("none", "ldu", "ldu-opt", "advdm", "photoguard", "pid")  # any key of method_configs
+    c.methods = ("none", "ldu", "ldu-opt", "advdm", "photoguard", "pid")  # keys of method_configs, or key@variant
     c.method_configs = {"ldu": "configs/ldu_tiny.py", "ldu-opt": "configs/ldu_tiny.py",
                         **{m: f"configs/protect_{m.replace('sds-', 'sds_minus')}_tiny.py"
                            for m in ("advdm", "aspl", "fsmg", "photoguard", "mist", "sds", "sds-", "pid")}}

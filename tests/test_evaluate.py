@@ -121,6 +121,23 @@ def test_cached_only_tabulates_the_cache_and_runs_nothing(tiny_eval):
     assert sum(r["status"] == "done" for r in again) == 4 and not any("advdm" in line for line in logs[:-1])
 
 
+def test_a_method_variant_protects_with_its_method_at_its_own_budget(tiny_eval, tmp_path):
+    c, workdir, _, _ = tiny_eval
+    c = c.copy_and_resolve_references()
+    c.methods = ("photoguard", "photoguard@wide")
+    c.method_overrides = {"photoguard": {"eps": 2 / 255, "step_size": 1 / 255},
+                          "photoguard@wide": {"eps": 8 / 255}}   # over the method's: step_size stays 1/255
+    r = runner.Runner(c, str(tmp_path))
+    cfg = r.method_config("photoguard@wide")
+    assert (cfg.eps, cfg.step_size) == (8 / 255, 1 / 255)
+    stats = {m: r.protect("subject_0", m)[1] for m in c.methods}
+    assert stats["photoguard"]["linf"] <= 2 / 255 + 1e-6 < stats["photoguard@wide"]["linf"] <= 8 / 255 + 1e-6
+    assert os.path.isfile(tmp_path / "cells" / "subject_0" / "photoguard@wide" / "protect.json")
+    c.methods = ("photoguard@", "photo guard")
+    with pytest.raises(ValueError, match=r"config methods: 'photoguard@', 'photo guard' is not a method name"):
+        runner.cells_of(c, str(tmp_path))
+
+
 def test_results_table_is_mean_and_std_over_subjects():
     rows = [{"subject": s, "method": "ldu", "setting": "none", "attack": "ti", "status": "done",
              "ism": v, "psnr": 36.0} for s, v in (("a", 0.2), ("b", 0.4))]
@@ -177,11 +194,14 @@ def test_config_errors_name_the_key(tmp_path):
 def test_eval_configs_reference_loadable_configs(name):
     import importlib
     c = importlib.import_module(f"configs.{name}").get_config()
-    assert set(c.methods) - {"none"} <= set(c.method_configs) and set(c.attacks) <= set(c.attack_configs)
-    for m in c.method_configs:
-        if m != "none":
-            cfg = config_file.load(c.method_configs[m], c.method_overrides.get(m, {}))
-            assert "eps" in cfg and "sd" in cfg
+    assert {runner.base_method(m) for m in c.methods} - {"none"} <= set(c.method_configs)
+    assert set(c.attacks) <= set(c.attack_configs)
+    r = runner.Runner(c, "unused")
+    for m in set(c.method_configs) | set(c.methods) - {"none"}:
+        cfg = r.method_config(m)
+        assert "eps" in cfg and "sd" in cfg
+        if m.endswith("@published"):   # a variant: its own budget over its method's overrides
+            assert cfg.eps == c.method_overrides[m]["eps"] != r.method_config(runner.base_method(m)).eps
     for a in c.attacks:
         assert "model" in config_file.load(c.attack_configs[a], c.attack_overrides.get(a, {}))
     from ldu_jax import purify

@@ -49,8 +49,6 @@ PARTS = ("content", "encoder", "identity", "imprint", "gates")
 BUDGET_36DB_RMS = 10 ** (-36 / 20)      # RMS on [0, 1] of a change at PSNR 36 dB
 # the published budgets, converted to [0, 1] units (the baselines' configs use those)
 PHOTOGUARD = {"eps": 0.06 / 2, "step_size": 0.02 / 2}
-ADVDM_8 = {"eps": 8 / 255, "step_size": 1 / 255, "steps": 50}
-ASPL_005 = {"eps": 0.05 / 2, "step_size": 0.005 / 2, "steps": 6, "rounds": 10}
 PURIFICATIONS = {"jpeg:quality=75": "JPEG 75", "blur:sigma=1.0": "blur σ=1"}   # the gates' settings: labels
 GATE_SETTINGS = ("none", *PURIFICATIONS)
 
@@ -312,7 +310,9 @@ def gate_config(models: str, subjects: int, max_steps: int, eval_config: str = "
     c.subjects = ()
     c.sd, c.face_backend = os.path.join(models, "sd"), "miniworld:" + os.path.join(models, "identity")
     c.methods = ("none", "advdm", "aspl")
-    c.method_overrides = {**c.method_overrides, "advdm": dict(ADVDM_8), "aspl": dict(ASPL_005)}
+    # at their published budgets (the config's '@published' variants), in cells named advdm and aspl
+    c.method_overrides = {**c.method_overrides, **{m: dict(c.method_overrides[f"{m}@published"])
+                                                   for m in ("advdm", "aspl")}}
     c.settings = tuple(settings)
     c.attacks = ("dreambooth",)
     c.attack_overrides = {**c.attack_overrides, "dreambooth": {"max_steps": int(max_steps)}}

@@ -6,7 +6,8 @@ Subjects follow the Anti-DreamBooth layout ``<root>/<subject>/{set_A,set_B,set_C
 protected and given to the attack; the person's clean photos (``reference_sets``) are the identity
 reference. For every subject x method x setting x attack the runner protects set_B (once per
 subject and method), purifies it, runs Textual Inversion or DreamBooth on it, generates images and
-measures them. Work dir::
+measures them. A method entry 'name@variant' (e.g. 'advdm@published') is that method with the
+variant's ``method_overrides`` over the method's, in cells of its own. Work dir::
 
     cells/<subject>/<method>/protected/          protected set_B (+ report.csv, protect.json)
     cells/<subject>/<method>/<setting>/images/   purified images given to the attack
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -58,6 +60,16 @@ def _diff(old, new, prefix="") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+METHOD_NAME = re.compile(r"[A-Za-z0-9._=-]+(@[A-Za-z0-9._=-]+)?")
+
+
+def base_method(name: str) -> str:
+    """The protection a ``methods`` entry runs: 'advdm@published' is AdvDM with the overrides of
+    ``method_overrides['advdm@published']`` over those of 'advdm' (a variant: one method at another
+    budget, in its own cells)."""
+    return name.split("@", 1)[0]
 
 
 class StaleCacheError(ConfigError):
@@ -93,13 +105,15 @@ class Runner:
 
     # -- protection
     def method_config(self, method: str):
-        path = self.cfg.method_configs.get(method)
+        base = base_method(method)
+        path = self.cfg.method_configs.get(method) or self.cfg.method_configs.get(base)
         if not path:
-            raise Skip(f"no config for method {method!r} (config method_configs)")
-        cfg = config_file.load(path, self.cfg.method_overrides.get(method, {}))
+            raise Skip(f"no config for method {base!r} (config method_configs)")
+        overrides = {**self.cfg.method_overrides.get(base, {}), **self.cfg.method_overrides.get(method, {})}
+        cfg = config_file.load(path, overrides)
         if "sd" in cfg:
             cfg.sd = self.cfg.sd
-        if "shortcut" in cfg and method.startswith("ldu"):
+        if "shortcut" in cfg and base.startswith("ldu"):
             cfg.shortcut = self.cfg.shortcut
         return cfg
 
@@ -127,11 +141,12 @@ class Runner:
             return out, {k: v for k, v in done.items() if k != "recipe"}
         cfg = self.method_config(method)
         if method not in self._protectors:
-            ckpt = self.rho_checkpoint(cfg) if method == "ldu" else None
-            self._protectors[method] = protect_job.make_protector(method, cfg, ckpt, self.log)
+            ckpt = self.rho_checkpoint(cfg) if base_method(method) == "ldu" else None
+            self._protectors[method] = protect_job.make_protector(base_method(method), cfg, ckpt, self.log)
         if os.path.isdir(out):
             shutil.rmtree(out)  # a partial earlier attempt
-        rows = protect_job.protect_dir(method, cfg, None, clean, out, log=self.log, protector=self._protectors[method])
+        rows = protect_job.protect_dir(base_method(method), cfg, None, clean, out, log=self.log,
+                                       protector=self._protectors[method])
         bad = [r["file"] for r in rows if r.get("error") or not r.get("budget_ok")]
         if bad:
             raise RuntimeError(f"{method} could not protect {', '.join(bad)} of {clean}")
@@ -142,8 +157,9 @@ class Runner:
     def protect_recipe(self, method: str) -> dict:
         if method == "none":
             return {"method": method}
-        return {"method": method, "config": self.method_config(method).to_dict(),
-                **({"rho_checkpoint": self.cfg.rho_checkpoint} if method == "ldu" else {})}
+        # the protection and its config (a variant's name is only the cells' label)
+        return {"method": base_method(method), "config": self.method_config(method).to_dict(),
+                **({"rho_checkpoint": self.cfg.rho_checkpoint} if base_method(method) == "ldu" else {})}
 
     def cell_recipe(self, method: str, setting: str, attack: str) -> dict:
         return {"protect": self.protect_recipe(method), "setting": setting,
@@ -293,6 +309,10 @@ class Runner:
 def cells_of(cfg, workdir: str) -> list[tuple]:
     """The evaluation's (subject, method, setting, attack) cells; writes generated subjects
     ('demo:N', 'miniworld:N': ``sources.subjects``) into ``workdir`` and points ``cfg.data`` at them."""
+    bad = [m for m in cfg.methods if not METHOD_NAME.fullmatch(m)]
+    if bad:
+        raise ConfigError(f"config methods: {', '.join(map(repr, bad))} is not a method name (letters, digits, "
+                          f"'._=-', and an optional '@variant')")
     os.makedirs(workdir, exist_ok=True)
     cfg.data = sources.subjects(cfg.data, workdir, cfg.demo_size)
     subjects = find_subjects(cfg.data, tuple(cfg.subjects))
