@@ -45,8 +45,16 @@ def existing_steps(workdir: str) -> list[int]:
     return sorted(int(s) for s in ocp.CheckpointManager(path, options=opts).all_steps())
 
 
-def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+def make_manager(workdir: str, keep: int = 3, local: bool = False) -> ocp.CheckpointManager:
+    """A manager of ``workdir``'s checkpoints. Across hosts every process takes part in its saves
+    and restores; ``local``: this process alone (its own devices' arrays, no barrier with the others)."""
+    mp, create = ocp.options.MultiprocessingOptions(), True
+    if local and jax.process_count() > 1:   # orbax creates the folder only with every process
+        mp = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                active_processes={jax.process_index()})
+        os.makedirs(checkpoint_dir(workdir), exist_ok=True)
+        create = False
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, multiprocessing_options=mp)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts)
 
 
@@ -85,11 +93,11 @@ def restore_latest(manager, abstract_state, meta: dict, where: str):
     return out["state"]
 
 
-def restore_state(workdir: str, step: int | None = None):
+def restore_state(workdir: str, step: int | None = None, local: bool = False):
     """(state dict, meta) of a work dir's latest (or given) checkpoint, its arrays replicated over
     this process's devices: whatever devices and hosts saved it (a model trained on a pod loads on
-    one CPU), and usable with arrays placed on a mesh of these devices."""
-    manager = make_manager(workdir)
+    one CPU), and usable with arrays placed on a mesh of these devices. ``local``: see make_manager."""
+    manager = make_manager(workdir, local=local)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise errors.MissingError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
@@ -108,17 +116,19 @@ def restore_params(workdir: str, ema: bool = True, step: int | None = None):
     return state["params_ema" if ema else "params"], meta
 
 
-def export(workdir: str, out_dir: str, keys, step: int | None = None) -> int:
+def export(workdir: str, out_dir: str, keys, step: int | None = None, local: bool = False) -> int:
     """Write the entries ``keys`` of a work dir's latest (or given) checkpoint state, with its meta,
     as a one-checkpoint work dir ``out_dir`` that the same loaders read (e.g. ``('params_ema',)``
-    for ``restore_params``: a model to ship without its optimizer state). Returns the step."""
-    state, meta = restore_state(workdir, step)
+    for ``restore_params``: a model to ship without its optimizer state). Returns the step.
+    ``local``: by this process alone (see make_manager)."""
+    state, meta = restore_state(workdir, step, local=local)
     missing = [k for k in keys if k not in state]
     if missing:
         raise errors.MissingKeyError(f"checkpoint in {workdir} has no {', '.join(missing)} (it has {', '.join(state)})")
     step = int(np.asarray(state["step"])) if "step" in state else int(make_manager(workdir).latest_step())
-    manager = make_manager(out_dir, keep=1)
-    save(manager, step, {k: state[k] for k in keys}, meta)
+    manager = make_manager(out_dir, keep=1, local=local)
+    # host arrays: what orbax saves from one process of many (its devices' arrays are not global)
+    save(manager, step, jax.tree_util.tree_map(np.asarray, {k: state[k] for k in keys}), meta)
     manager.wait_until_finished()
     return step
 

@@ -109,7 +109,7 @@ def init_or_restore(init_fn, key, shardings, manager, meta: dict, workdir: str, 
     if state is None:
         if jit_init:
             return jax.jit(init_fn, out_shardings=shardings)(key)
-        state = jax.device_put(init_fn(key), shardings)
+        state = parallel.put(init_fn(key), shardings)
         return jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
     log(f"resuming {workdir} from step {int(state.step)}")
     return state

@@ -137,29 +137,61 @@ def global_batch(mesh: Mesh, local: np.ndarray):
     return jax.make_array_from_process_local_data(data_sharding(mesh), np.asarray(local))
 
 
+def put(tree, sharding):
+    """``jax.device_put(tree, sharding)`` for values every host holds the same of (loaded weights,
+    a subject's photos): across hosts an array on this host's devices goes through host memory,
+    since a device-to-device copy onto other hosts' devices needs cross-host transfers (not on CPU)."""
+    if jax.process_count() > 1:
+        tree = jax.tree_util.tree_map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree)
+    return jax.device_put(tree, sharding)
+
+
+def fetch(tree):
+    """``tree``'s arrays as numpy on this host, whatever their sharding: a global array that other
+    hosts hold parts of is gathered (every process must call this together, as for any collective)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree_util.tree_map(one, tree)
+
+
 _BARRIERS = itertools.count()
 
 
-def sync(name: str, timeout_s: int = 3600) -> None:
+class Process0Failed(RuntimeError):
+    """Raised on the other processes when process 0 failed in work it does for all (its own
+    traceback is on process 0)."""
+
+
+def sync(name: str, timeout_s: int = 3600, status: str | None = None) -> str | None:
     """A barrier of every process; nothing in one process. It waits on the coordination service
     (up to ``timeout_s``), not on a device collective: on CPUs (gloo) a collective whose processes
     arrive more than 30 s apart fails, and one host may be that far behind (the persistent
-    compilation cache serves only process 0's programs, so the others compile them)."""
+    compilation cache serves only process 0's programs, so the others compile them).
+    ``status``: process 0's word to the others, returned on every process after the barrier."""
     if jax.process_count() == 1:
-        return
+        return status
     from jax._src import distributed
     client = distributed.global_state.client
     if client is None:   # a runtime started without jax.distributed (none here)
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
-        return
-    client.wait_at_barrier(f"ldu_jax/{next(_BARRIERS)}/{name}", timeout_in_ms=timeout_s * 1000)
+        return None
+    key = f"ldu_jax/{next(_BARRIERS)}/{name}"
+    if jax.process_index() == 0:
+        client.key_value_set(key + "/status", status or "")
+    client.wait_at_barrier(key, timeout_in_ms=timeout_s * 1000)
+    return client.blocking_key_value_get(key + "/status", 60_000) or None
 
 
-def process0_first(fn, name: str):
+def process0_first(fn, name: str, others: bool = True):
     """``fn()`` on process 0, then, after a barrier, on every other process: what process 0 writes
     (e.g. a built-in image folder under the work dir) the others find written. An exception on
-    process 0 is raised after the barrier, so the others meet the same error instead of waiting."""
+    process 0 is raised after the barrier, and the others raise ``Process0Failed`` naming it, so
+    no host waits for the failed one. ``others=False``: process 0 alone runs ``fn`` (the others
+    return None after the barrier)."""
     if jax.process_count() == 1:
         return fn()
     out, err = None, None
@@ -168,7 +200,9 @@ def process0_first(fn, name: str):
             out = fn()
         except Exception as e:  # noqa: BLE001 - raised again below, after the barrier
             err = e
-    sync(name)
+    failed = sync(name, status=f"{type(err).__name__}: {err}" if err is not None else None)
     if err is not None:
         raise err
-    return out if jax.process_index() == 0 else fn()
+    if failed:
+        raise Process0Failed(f"{name}: process 0 failed ({failed})")
+    return out if jax.process_index() == 0 or not others else fn()

@@ -1,8 +1,8 @@
-"""Many hosts on one machine: ``train.py``, ``perturb.py train``, ``perturb.py apply`` and
-``build_world --stages=data,identity,vae,t2i`` started as 2 processes x 4 simulated CPU devices with a plain
-coordinator on 127.0.0.1 (gloo collectives) give the result of 1 process x 8 devices with the same
-seed: the same global batches, loss curves and final parameters, the same protected files and one
-report.csv."""
+"""Many hosts on one machine: ``train.py``, ``perturb.py train``, ``perturb.py apply``,
+``build_world`` and ``attack ti|dreambooth`` started as 2 processes x 4 simulated CPU devices with a
+plain coordinator on 127.0.0.1 (gloo collectives) give the result of 1 process x 8 devices with the
+same seed: the same global batches, loss curves and final parameters, the same protected files and
+one report.csv."""
 import csv
 import hashlib
 import json
@@ -193,6 +193,32 @@ def test_a_single_process_command_refuses_to_run_as_one_of_many(tmp_path):
     assert not os.path.exists(tmp_path / "ldu_demo")
 
 
+_PROCESS0_FAILS = """
+import sys
+from ldu_jax import parallel
+parallel.initialize("on", sys.argv[1], 2, int(sys.argv[2]))
+def export():
+    raise OSError("disk full")
+try:
+    parallel.process0_first(export, "export", others=False)
+except Exception as e:
+    sys.exit(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_when_process0_fails_for_all_the_others_stop_too(tmp_path):
+    """Work process 0 does for every host (others=False: an export) fails there: process 0 raises
+    its error, and the others, instead of going on to wait at the next barrier, raise one naming it."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS0_FAILS, f"127.0.0.1:{port}", str(i)], cwd=ROOT,
+                              env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert errs[0].strip().splitlines()[-1] == "OSError: disk full"
+    assert errs[1].strip().splitlines()[-1] == "Process0Failed: export: process 0 failed (OSError: disk full)"
+
+
 def _tree_digest(root):
     return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
             for d, _, names in os.walk(root) for f in names}
@@ -206,13 +232,14 @@ def _split(tree, where):
 
 
 def test_two_processes_build_the_world_as_one(tmp_path):
-    """build_world's data, identity, vae and t2i stages (the 'test' profile: 8 training images;
-    the identity model on global batches of 8 portraits + 8 non-faces, 4 steps; a VAE of global
-    batch 8, here trained 6 steps; the t2i model on global batches of 8, here 4 steps) as 2
-    processes x 4 devices and as 1 x 8: process 0 writes the same data files and tokenizer; each
-    host renders its rows of the same global batches, so the loss curves and the final parameters
-    agree; one manifest, one VAE folder and one t2i bundle."""
-    args = ["-m", "ldu_jax.cli.build_world", "--profile=test", "--stages=data,identity,vae,t2i",
+    """build_world's every stage (the 'test' profile: 8 training images; the identity model on
+    global batches of 8 portraits + 8 non-faces, 4 steps; a VAE of global batch 8, here trained 6
+    steps; the t2i model on global batches of 8, here 4 steps; the shortcut model, 4 steps of 8, and
+    ρ, 2 steps of 8, on the training images; the export) as 2 processes x 4 devices and as 1 x 8:
+    process 0 writes the same data files and tokenizer; each host renders or reads its rows of the
+    same global batches, so the loss curves and the final parameters agree; one manifest, one VAE
+    folder, one t2i bundle and one export, written by process 0."""
+    args = ["-m", "ldu_jax.cli.build_world", "--profile=test",
             "--set=vae.max_steps=6", "--set=vae.log_every=2", "--set=vae.save_every=6",
             "--set=t2i.max_steps=4", "--set=t2i.log_every=2", "--set=t2i.save_every=4"]
     single, multi = one_and_two(args, tmp_path)
@@ -220,7 +247,8 @@ def test_two_processes_build_the_world_as_one(tmp_path):
         assert _tree_digest(os.path.join(single, folder)) == _tree_digest(os.path.join(multi, folder)), folder
     manifests = [json.load(open(os.path.join(w, "manifest.json"))) for w in (single, multi)]
     for m in manifests:
-        assert sorted(m) == ["data", "identity", "t2i", "vae"] and all(s["done"] for s in m.values())
+        assert sorted(m) == ["data", "export", "identity", "rho", "shortcut", "t2i", "vae"]
+        assert all(s["done"] for s in m.values())
     # process 0 measured both models (not split across hosts) on parameters equal up to rounding
     assert_same_curve(manifests[0]["t2i"]["text_use"], manifests[1]["t2i"]["text_use"])
     ism = [{k: m["identity"]["eval"][k] for k in ("ism_same", "ism_other")} for m in manifests]
@@ -257,3 +285,80 @@ def test_two_processes_build_the_world_as_one(tmp_path):
         # bound alone, 2 lr a step
         d = max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y)).max()) for x, y in zip(time_a, time_b))
         assert d <= 2 * 4 * 1e-3, (key, d)
+    for stage, steps in (("shortcut", [2, 4]), ("rho", [1, 2])):
+        a, b = _losses(os.path.join(single, stage)), _losses(os.path.join(multi, stage))
+        assert sorted(a) == sorted(b) == steps, stage
+        assert_same_curve(a, b)
+    # the export: what process 0 wrote, from the checkpoints every host saved
+    assert sorted(os.listdir(os.path.join(multi, "export"))) == ["identity", "manifest.json", "rho", "sd", "shortcut"]
+    assert _tree_digest(os.path.join(single, "export", "sd", "tokenizer")) == \
+        _tree_digest(os.path.join(multi, "export", "sd", "tokenizer"))
+    sa, sb = (ckpt.restore_params(os.path.join(w, "export", "shortcut"))[0] for w in (single, multi))
+    # 4 AdamW steps (configs/miniworld_shortcut.py:test, lr 6e-4) through the DiT (~20 layers) on
+    # the VAE's latents (~15), after the VAE's own difference; EMA weights: depth 60
+    assert_adam_close(sb, sa, lr=6e-4, steps=4, depth=60)
+    ra, rb = (ckpt.restore_state(os.path.join(w, "export", "rho"))[0]["rho"] for w in (single, multi))
+    # 2 AdamW steps of ρ through the pipeline, as test_two_processes_train_rho_as_one: depth 530
+    assert_adam_close(rb, ra, lr=1e-3, steps=2, depth=530)
+
+
+def _photos(root, n=4):
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return str(root)
+
+
+def _pngs(root):
+    return {os.path.relpath(os.path.join(d, f), root): np.asarray(Image.open(os.path.join(d, f)), np.float32)
+            for d, _, names in os.walk(root) for f in names if f.endswith(".png")}
+
+
+@pytest.mark.parametrize("kind", ["ti", "dreambooth"])
+def test_two_processes_run_an_attack_as_one(kind, tmp_path):
+    """``attack ti`` / ``attack dreambooth`` (tiny model, global batch 8, 4 steps; DreamBooth with
+    prior preservation) as 2 processes x 4 devices and as 1 x 8: each step runs over every host's
+    devices, so the loss curves and the learned embedding / UNet agree; process 0 generates the
+    class images and the samples and writes them once."""
+    photos = _photos(tmp_path / "photos")
+    cfg = {"ti": "configs/attack_ti_tiny.py", "dreambooth": "configs/attack_db_tiny.py"}[kind]
+    args = ["-m", "ldu_jax.cli.attack", kind, f"--config={cfg}", f"--images={photos}", "--config.max_steps=4",
+            "--config.log_every=2", "--config.save_every=4"]
+    single, multi = one_and_two(args, tmp_path)
+    a, b = _losses(single), _losses(multi)
+    assert sorted(a) == sorted(b) == [2, 4] and a[2] != a[4]
+    assert_same_curve(a, b)
+    for w in (single, multi):   # process 0 alone wrote the log
+        assert len(open(os.path.join(w, "metrics.jsonl")).readlines()) == 2
+    sa, sb = _pngs(os.path.join(single, "samples")), _pngs(os.path.join(multi, "samples"))
+    assert sorted(sa) == sorted(sb) and len(sa) == 4   # 2 prompts x 2 samples
+    if kind == "ti":
+        from ldu_jax.personalize import textual_inversion as ti
+        ea, eb = (ti.load_learned_embeds(os.path.join(w, "learned_embeds.safetensors"))["<person>"]
+                  for w in (single, multi))
+        # 4 AdamW steps (lr 5e-3) of one embedding row, its gradient through the text encoder
+        # (~10 layers) and the UNet (~90), forward and backward
+        assert_adam_close(eb, ea, lr=5e-3, steps=4, depth=200)
+    else:
+        ca, cb = (_pngs(os.path.join(w, "class_images")) for w in (single, multi))
+        assert len(ca) == 8 and sorted(ca) == sorted(cb)
+        assert all(np.array_equal(ca[k], cb[k]) for k in ca)   # one program on process 0's device in both
+        ua, ub = (ckpt.restore_state(w)[0]["trainable"]["unet"] for w in (single, multi))
+        # the tiny UNet's first level has 32 channels in 32 GroupNorm groups, which remove every
+        # per-channel offset: there the biases and the timestep projections get gradients of
+        # rounding noise, which Adam makes steps of +-lr (as in the build test's t2i model); held
+        # to the bound alone, 2 lr a step. The rest: 4 AdamW steps (lr 1e-3), forward and backward
+        # through the UNet (~2 x 90 layers)
+        offsets = lambda k: ("down_blocks_0" in k or "up_blocks_1" in k) and ("bias" in k or "time_emb" in k)  # noqa: E731
+        flat_a, flat_b = (jax.tree_util.tree_flatten_with_path(u)[0] for u in (ua, ub))
+        keys = [jax.tree_util.keystr(k) for k, _ in flat_a]
+        rest = [i for i, k in enumerate(keys) if not offsets(k)]
+        assert len(rest) < len(keys) and sum(flat_a[i][1].size for i in rest) > 0.95 * sum(x.size for _, x in flat_a)
+        assert_adam_close([flat_b[i][1] for i in rest], [flat_a[i][1] for i in rest], lr=1e-3, steps=4, depth=200)
+        d = max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y)).max())
+                for (_, x), (_, y) in zip(flat_a, flat_b))
+        assert d <= 2 * 4 * 1e-3, d
+        assert os.path.isfile(os.path.join(multi, "model", "model_index.json"))
+    # samples of (almost) the same models from the same noise: within a grey level or two
+    assert max(float(np.abs(sa[k] - sb[k]).mean()) for k in sa) < 2.0

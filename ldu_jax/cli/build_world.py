@@ -27,7 +27,7 @@ def _main(argv):
 
 
 def main():
-    cli.run(_main, multihost=True)   # the stages that cannot run across hosts refuse (build_world.MULTIHOST_STAGES)
+    cli.run(_main, multihost=True)   # every stage splits its work across hosts
 
 
 if __name__ == "__main__":

@@ -106,9 +106,11 @@ class Attacker:
             row0 = ti.get_table(params)[token_id]
 
             def finish(state, out_dir, save_model):
-                ti.save_learned_embeds(os.path.join(out_dir, "learned_embeds.safetensors"), config.placeholder_token,
-                                       jax.device_get(state.row))
-                return sd, ti.with_row(params, token_id, state.row), config.placeholder_token
+                row = parallel.fetch(state.row)
+                if jax.process_index() == 0:
+                    ti.save_learned_embeds(os.path.join(out_dir, "learned_embeds.safetensors"),
+                                           config.placeholder_token, row)
+                return sd, ti.with_row(params, token_id, row), config.placeholder_token
             return _Plan(
                 ("ti", config.to_json(), token_id),
                 lambda key: ti.TIState(jnp.zeros((), jnp.int32), row0, tx.init(row0)),
@@ -121,18 +123,19 @@ class Attacker:
         class_images = images[:1]
         if config.prior_weight > 0:
             folder = config.get("class_images_dir") or os.path.join(workdir, "class_images")
-            class_images = dreambooth.ensure_class_images(sd, params, folder, config, log)
+            class_images = parallel.process0_first(   # process 0 generates the missing ones
+                lambda: dreambooth.ensure_class_images(sd, params, folder, config, log), "attack: class images")
         tx = dreambooth.make_optimizer(config)
         ids = sdm.tokenize(sd, [config.instance_prompt, config.class_prompt])
 
         def finish(state, out_dir, save_model):
-            trainable = jax.device_get(state.trainable)
+            trainable = parallel.fetch(state.trainable)
             tuned = dreambooth.full_params(params, trainable, config)
-            if save_model and config.lora_rank:
+            if save_model and jax.process_index() == 0 and config.lora_rank:
                 from safetensors.numpy import save_file
                 flat = {f"{k}.{ab}": np.asarray(v[ab], np.float32) for k, v in trainable["unet"].items() for ab in v}
                 save_file(flat, os.path.join(out_dir, "lora.safetensors"))
-            elif save_model:
+            elif save_model and jax.process_index() == 0:
                 sdm.save_sd(sd, tuned, os.path.join(out_dir, "model"))
             return sd, tuned, config.identifier
         return _Plan(
@@ -153,9 +156,10 @@ class Attacker:
         meta = {"kind": kind, "model": config.model, "param_shapes": ckpt.param_shapes(abstract)}
         manager = ckpt.make_manager(workdir, config.keep)
         state = loop.init_or_restore(init, key, shardings, manager, meta, workdir, log, jit_init=False)
-        args = jax.device_put(args, arg_shardings or rep)
+        args = parallel.put(args, arg_shardings or rep)
         total = config.max_steps * config.grad_accum
-        return loop.train_loop(state, update, itertools.repeat(args), manager=manager, meta=meta, workdir=workdir,
+        update, batches = loop.compile_first(update, state, itertools.repeat(args), kind)
+        return loop.train_loop(state, update, batches, manager=manager, meta=meta, workdir=workdir,
                                max_steps=total, log_every=config.log_every, save_every=config.save_every,
                                batch_size=config.batch_size, desc=kind)
 
@@ -229,7 +233,9 @@ class Attacker:
     def run_many(self, kind: str, config, images_dirs, workdirs, group_dir: str | None, log=print,
                  save_model: bool = True):
         """``run`` on several folders: folders with the same number of images train together
-        (``train_many``, its checkpoints in ``group_dir/<n>-images``); [{prompt: images}] in order."""
+        (``train_many``, its checkpoints in ``group_dir/<n>-images``); [{prompt: images}] in order.
+        Across hosts every process trains (each step over all their devices) and process 0 writes the
+        results and generates the samples."""
         if kind not in KINDS:
             raise ConfigError(f"unknown attack {kind!r}; one of {KINDS}")
         self.timing = {"load": 0.0}
@@ -255,7 +261,9 @@ class Attacker:
                 for i, r in zip(idx, out):
                     results[i] = r
         t2 = time.time()
-        samples = [write_samples(sd, params, config, token, w) for (sd, params, token), w in zip(results, workdirs)]
+        # across hosts the samples are not split: process 0 generates and writes them, the others return {}
+        samples = [write_samples(sd, params, config, token, w) if jax.process_index() == 0 else {}
+                   for (sd, params, token), w in zip(results, workdirs)]
         self.timing.update(train=t2 - t - self.timing["load"], generate=time.time() - t2)
         return samples
 

@@ -36,7 +36,7 @@ import numpy as np
 from ldu_jax import checkpoint as ckpt
 from ldu_jax import config_file, files, parallel
 from ldu_jax import data as data_lib
-from ldu_jax.errors import ConfigError, MissingError, UserError
+from ldu_jax.errors import ConfigError, MissingError
 from ldu_jax.jobs import protect, train_shortcut
 from ldu_jax.miniworld import MODELS, identity, world
 from ldu_jax.miniworld.train_t2i import text_use, train_t2i
@@ -44,7 +44,6 @@ from ldu_jax.miniworld.train_vae import train_vae
 
 PROFILES = ("full", "test", "v2", "fragile")
 STAGES = ("data", "identity", "vae", "t2i", "shortcut", "rho", "export")
-MULTIHOST_STAGES = ("data", "identity", "vae", "t2i")   # the stages that run across hosts (the others refuse to)
 STAGE_CONFIGS = {"vae": "miniworld_vae", "t2i": "miniworld_t2i", "identity": "miniworld_identity",
                  "shortcut": "miniworld_shortcut", "rho": "ldu_miniworld"}
 # what each shipped checkpoint keeps of its training state (the loaders read exactly these)
@@ -145,12 +144,6 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print, setting
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    if jax.process_count() > 1:   # started on several hosts: only the stages that split their work
-        done = _manifest(workdir)
-        single = [s for s in STAGES if s in stages and s not in MULTIHOST_STAGES and not done.get(s, {}).get("done")]
-        if single:
-            raise UserError(f"build_world's stage(s) {', '.join(single)} run in one process for now (across hosts: "
-                            f"{', '.join(MULTIHOST_STAGES)}); build them in one process, or pass --stages")
     os.makedirs(workdir, exist_ok=True)
     cfg = override(configs(profile), settings)
     p = lambda *a: os.path.join(workdir, *a)  # noqa: E731
@@ -206,8 +199,9 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print, setting
             c.dataset, c.rho_checkpoint = p("data", "train", "images"), ""
             protect.train_rho(c, p("rho"), log=log)
             out = p("rho")
-        else:
-            out = export(workdir, cfg.get("base"))
+        else:   # process 0 copies; its own devices restore and save the checkpoints
+            out = parallel.process0_first(lambda: export(workdir, cfg.get("base"), local=True), "build_world: export",
+                                          others=False) or p("export")
         if jax.process_index() == 0:
             _record(workdir, stage, done=True, path=out, cpu_seconds=round(time.process_time() - t0, 1),
                     wall_seconds=round(time.time() - w0, 1), profile=profile, **info)
@@ -216,10 +210,11 @@ def build(workdir: str, profile: str = "full", stages=STAGES, log=print, setting
     return _manifest(workdir)
 
 
-def export(workdir: str, base: str | None = None) -> str:
+def export(workdir: str, base: str | None = None, local: bool = False) -> str:
     """``<workdir>/export``: the t2i bundle and the shortcut, identity and ρ checkpoints without
     their optimizer state, plus the manifest (written atomically). With ``base`` (an export): its
-    models with ``<workdir>/vae/vae`` as the t2i bundle's VAE."""
+    models with ``<workdir>/vae/vae`` as the t2i bundle's VAE. ``local``: by this process alone
+    (``checkpoint.make_manager``)."""
     out = os.path.join(workdir, "export")
     with files.atomic_dir(out) as tmp:
         if base:
@@ -229,7 +224,7 @@ def export(workdir: str, base: str | None = None) -> str:
         else:
             shutil.copytree(os.path.join(workdir, "t2i", "sd"), os.path.join(tmp, "sd"))
             for name, keys in EXPORT_KEYS.items():
-                ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys)
+                ckpt.export(os.path.join(workdir, name), os.path.join(tmp, name), keys, local=local)
         manifest = {}
         if base:
             manifest["base"] = {"path": base, **(files.read_json(os.path.join(base, "manifest.json")) or {})}

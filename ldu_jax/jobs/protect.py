@@ -61,8 +61,8 @@ def train_rho(config, workdir: str, log=print):
     dsh = parallel.data_sharding(mesh)
     step = jax.jit(ldu.make_rho_step(models, tx, config, config.seed, dsh), out_shardings=(shardings, rep),
                    donate_argnums=(0,))
-    frozen = jax.device_put(params, rep)
-    ids = jax.device_put((ti_ids, db_ids), rep)
+    frozen = parallel.put(params, rep)
+    ids = parallel.put((ti_ids, db_ids), rep)
     images = data_lib.ImageFolder(folder, res, process_index=jax.process_index(),
                                   process_count=jax.process_count(), log=log)
     local = images.batches(config.batch_size, config.seed, start_step=int(state.step))
@@ -75,8 +75,8 @@ def train_rho(config, workdir: str, log=print):
     # too, so every host can read them (process 0 writes them)
     protect = jax.jit(lambda p, x: ldu.constrained_images(models, p, x, config), out_shardings=rep)
     grid_x = next(data_lib.ImageFolder(folder, res, log=lambda s: None).batches(4, 0, flip=False))
-    grid_dev = jax.device_put(grid_x, rep)
-    heldout_x = (jax.device_put(sources.heldout_images(heldout, res, workdir), rep) if heldout else None)
+    grid_dev = parallel.put(grid_x, rep)
+    heldout_x = (parallel.put(sources.heldout_images(heldout, res, workdir), rep) if heldout else None)
     gain = jax.jit(lambda p, x: ldu.heldout_gain(models, p, x, ti_ids, db_ids, config, config.heldout_draws),
                    out_shardings=rep)
     # every program compiled before the first step, then a barrier: across hosts, the steps'

@@ -252,7 +252,7 @@ def train_t2i(config, workdir: str, batches, vae_dir: str, log=print, vocabulary
     step_fn = make_t2i_step(sd, tx, schedule, config)
     update = jax.jit(step_fn, in_shardings=(shardings, rep, dsh, dsh), out_shardings=(shardings, rep),
                      donate_argnums=(0,))
-    vae_params = jax.device_put(vae.params, rep)
+    vae_params = parallel.put(vae.params, rep)
 
     local = data_lib.local_rows(config.batch_size, jax.process_count())   # this host's rows of a global batch
 
