@@ -186,6 +186,15 @@ def sync(name: str, timeout_s: int = 3600, status: str | None = None) -> str | N
     return client.blocking_key_value_get(key + "/status", 60_000) or None
 
 
+def share(obj, name: str):
+    """Process 0's ``obj`` (JSON: dicts, lists, strings, numbers, numpy scalars as floats) on every
+    process, after a barrier; ``obj`` itself in one process."""
+    if jax.process_count() == 1:
+        return obj
+    import json
+    return json.loads(sync(name, status=json.dumps(obj, default=float) if jax.process_index() == 0 else None))
+
+
 def process0_first(fn, name: str, others: bool = True):
     """``fn()`` on process 0, then, after a barrier, on every other process: what process 0 writes
     (e.g. a built-in image folder under the work dir) the others find written. An exception on

@@ -362,3 +362,34 @@ def test_two_processes_run_an_attack_as_one(kind, tmp_path):
         assert os.path.isfile(os.path.join(multi, "model", "model_index.json"))
     # samples of (almost) the same models from the same noise: within a grey level or two
     assert max(float(np.abs(sa[k] - sb[k]).mean()) for k in sa) < 2.0
+
+
+def test_two_processes_evaluate_as_one(tmp_path):
+    """The evaluation (2 demo subjects x {none, PhotoGuard} x {none, JPEG 75} x TI, both subjects'
+    attacks in one program) as 2 processes x 4 devices and as 1 x 8: process 0 writes the subjects,
+    the hosts split each folder's protection, process 0 purifies, every step of the attacks runs
+    over both hosts, process 0 measures and writes the cells and the table: the same protected and
+    purified files, the same rows."""
+    args = ["-m", "ldu_jax.cli.evaluate", "--config=configs/eval_tiny.py", "--config.data=demo:2",
+            "--config.methods=('none', 'photoguard')", "--config.settings=('none', 'jpeg:quality=75')",
+            "--config.attacks=('ti',)", "--config.attack_overrides.ti.max_steps=2",
+            "--config.num_samples=2", "--config.subject_batch=2"]
+    single, multi = one_and_two(args, tmp_path)
+    for folder in ("subjects", os.path.join("cells", "subject_1", "photoguard", "protected"),
+                   os.path.join("cells", "subject_0", "photoguard", "jpeg_quality=75", "images")):
+        da, db = ({k: v for k, v in _tree_digest(os.path.join(w, folder)).items() if k.endswith(".png")}
+                  for w in (single, multi))   # report.csv holds seconds
+        assert da and da == db, folder
+    ra, rb = (list(csv.DictReader(open(os.path.join(w, "results.csv")))) for w in (single, multi))
+    assert len(ra) == len(rb) == 8 and all(r["status"] == "done" for r in ra + rb)
+    for x, y in zip(ra, rb):
+        for k in x:
+            if k in ("seconds", "time"):
+                continue
+            try:
+                a, b = float(x[k]), float(y[k])
+            except ValueError:
+                assert x[k] == y[k], k
+                continue
+            # 2 TI steps trained over 8 devices in two groupings: samples within rounding
+            assert a == b or abs(a - b) <= 1e-3 * max(abs(a), 1.0), (k, a, b)

@@ -98,7 +98,7 @@ def run(main, multihost=False):
             if parallel.initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id) \
                     and not across and jax.process_count() > 1:
                 raise UserError(f"{os.path.basename(sys.argv[0])} runs in one process for now (across hosts: "
-                                "train.py, perturb.py train and apply, build_world, attack); start it "
+                                "train.py, perturb.py train and apply, build_world, attack, evaluate); start it "
                                 "without --coordinator_address / --distributed=on")
             enable_compilation_cache()
             return main(argv)

@@ -20,7 +20,7 @@ def _main(argv):
 
 
 def main():
-    cli.run(_main)
+    cli.run(_main, multihost=True)
 
 
 if __name__ == "__main__":

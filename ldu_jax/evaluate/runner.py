@@ -33,10 +33,11 @@ import re
 import shutil
 import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from ldu_jax import config_file, files, purify, sources
+from ldu_jax import config_file, files, parallel, purify, sources
 from ldu_jax import data as data_lib
 from ldu_jax.errors import ConfigError
 from ldu_jax.evaluate.measure import Metrics, Skip, generation_metrics, imperceptibility
@@ -143,16 +144,21 @@ class Runner:
         if method not in self._protectors:
             ckpt = self.rho_checkpoint(cfg) if base_method(method) == "ldu" else None
             self._protectors[method] = protect_job.make_protector(base_method(method), cfg, ckpt, self.log)
-        if os.path.isdir(out):
-            shutil.rmtree(out)  # a partial earlier attempt
+        # a partial earlier attempt: removed by process 0 before any host writes (a barrier either way)
+        parallel.process0_first(lambda: shutil.rmtree(out, ignore_errors=True), "evaluate: partial protection removed",
+                                others=False)
         rows = protect_job.protect_dir(base_method(method), cfg, None, clean, out, log=self.log,
                                        protector=self._protectors[method])
         bad = [r["file"] for r in rows if r.get("error") or not r.get("budget_ok")]
         if bad:
             raise RuntimeError(f"{method} could not protect {', '.join(bad)} of {clean}")
-        stats = imperceptibility(clean, out, self.metrics)
-        files.write_json(os.path.join(base, "protect.json"), {**stats, "recipe": _plain(recipe)})
-        return out, stats
+
+        def measure():   # across hosts: process 0 measures and writes; every host returns its numbers
+            stats = imperceptibility(clean, out, self.metrics)
+            files.write_json(os.path.join(base, "protect.json"), {**stats, "recipe": _plain(recipe)})
+            return stats
+        stats = parallel.process0_first(measure, "evaluate: protection measured", others=False)
+        return out, parallel.share(stats, "evaluate: protection numbers")
 
     def protect_recipe(self, method: str) -> dict:
         if method == "none":
@@ -174,11 +180,14 @@ class Runner:
         out = os.path.join(self.workdir, "cells", subject, method, slug(s), "images")
         if os.path.exists(os.path.join(out, ".done")):
             return out
-        if s.name in purify.NEEDS_MODELS and self._purify_models is None:
-            self._purify_models = sources.diffusion_models(self.cfg.sd, self.cfg.shortcut or None, self.cfg.seed)
-        purify.purify_folder(s, src, out, self._purify_models if s.name in purify.NEEDS_MODELS else None,
-                             log=self.log)
-        open(os.path.join(out, ".done"), "w").close()
+
+        def purify_folder():   # across hosts: process 0 alone (not split)
+            if s.name in purify.NEEDS_MODELS and self._purify_models is None:
+                self._purify_models = sources.diffusion_models(self.cfg.sd, self.cfg.shortcut or None, self.cfg.seed)
+            purify.purify_folder(s, src, out, self._purify_models if s.name in purify.NEEDS_MODELS else None,
+                                 log=self.log)
+            open(os.path.join(out, ".done"), "w").close()
+        parallel.process0_first(purify_folder, "evaluate: purified", others=False)
         return out
 
     # -- attack + measurement
@@ -201,7 +210,8 @@ class Runner:
             self._attacker = attack_lib.Attacker(self.cfg.sd)
         keep = bool(self.cfg.keep_attack_models)
         outs = self._attacker.run_many(attack, cfg, images_dirs, cell_dirs, group_dir, log=self.log, save_model=keep)
-        if not keep:  # DreamBooth's model/ is a full SD copy; the checkpoints hold the attack states
+        # DreamBooth's model/ is a full SD copy; the checkpoints hold the attack states (process 0 deletes)
+        if not keep and jax.process_index() == 0:
             for d in [os.path.join(c, "checkpoints") for c in cell_dirs] + [group_dir]:
                 shutil.rmtree(d, ignore_errors=True)
         return [[img for imgs in out.values() for img in imgs] for out in outs]
@@ -259,22 +269,26 @@ class Runner:
                 self._failed(row, e)
             return rows
         share = (time.time() - t1) / len(todo)
-        for (row, cell_dir, _, before, clock), gen_images in zip(todo, generated):
-            t2 = time.time()
-            clock.update({k: v / len(todo) for k, v in self._attacker.timing.items()})
-            try:
-                gen = generation_metrics(gen_images, self.reference(row["subject"]), self.metrics,
-                                         self.other_references(row["subject"]))
-            except Exception as e:  # noqa: BLE001
-                self._failed(row, e)
-                continue
-            clock["metrics"] = time.time() - t2
-            row["notes"] = "; ".join(n for n in (row.get("notes", ""), gen.pop("notes")) if n)
-            row.update(gen)
-            row.update(status="done", reason="", seconds=before + share + clock["metrics"], time=clock)
-            files.write_json(os.path.join(cell_dir, "cell.json"),
-                             {**row, "recipe": _plain(recipe)})
-        return rows
+
+        def measure():   # across hosts: process 0 holds the samples, measures and writes
+            for (row, cell_dir, _, before, clock), gen_images in zip(todo, generated):
+                t2 = time.time()
+                clock.update({k: v / len(todo) for k, v in self._attacker.timing.items()})
+                try:
+                    gen = generation_metrics(gen_images, self.reference(row["subject"]), self.metrics,
+                                             self.other_references(row["subject"]))
+                except Exception as e:  # noqa: BLE001
+                    self._failed(row, e)
+                    continue
+                clock["metrics"] = time.time() - t2
+                row["notes"] = "; ".join(n for n in (row.get("notes", ""), gen.pop("notes")) if n)
+                row.update(gen)
+                row.update(status="done", reason="", seconds=before + share + clock["metrics"], time=clock)
+                files.write_json(os.path.join(cell_dir, "cell.json"),
+                                 {**row, "recipe": _plain(recipe)})
+            return rows
+        parallel.process0_first(measure, "evaluate: cells measured", others=False)
+        return parallel.share(rows, "evaluate: cell rows")   # every host: process 0's rows
 
     def _failed(self, row: dict, e: Exception):
         """A skipped (``Skip``) or failed cell: recorded, logged, and the table goes on."""
@@ -314,7 +328,9 @@ def cells_of(cfg, workdir: str) -> list[tuple]:
         raise ConfigError(f"config methods: {', '.join(map(repr, bad))} is not a method name (letters, digits, "
                           f"'._=-', and an optional '@variant')")
     os.makedirs(workdir, exist_ok=True)
-    cfg.data = sources.subjects(cfg.data, workdir, cfg.demo_size)
+    spec = cfg.data   # generated subjects: written by process 0, found by the others
+    cfg.data = parallel.share(parallel.process0_first(lambda: sources.subjects(spec, workdir, cfg.demo_size),
+                                                      "evaluate: subjects", others=False), "evaluate: subjects root")
     subjects = find_subjects(cfg.data, tuple(cfg.subjects))
     return [(s, m, st, a) for s in subjects for m in cfg.methods for st in cfg.settings for a in cfg.attacks]
 
@@ -337,7 +353,7 @@ def run(cfg, workdir: str, log=print) -> list[dict]:
     cells = cells_of(cfg, workdir)
     runner = Runner(cfg, workdir, log)
     done = {}
-    bar = tqdm(total=len(cells), desc="evaluate", unit="cell")
+    bar = tqdm(total=len(cells), desc="evaluate", unit="cell", disable=jax.process_index() != 0)
     for subjects, *rest in subject_groups(cells, int(cfg.get("subject_batch", 1))):
         bar.set_postfix_str("/".join(rest)[:60])
         for s, row in zip(subjects, runner.cells(subjects, *rest)):
@@ -346,7 +362,8 @@ def run(cfg, workdir: str, log=print) -> list[dict]:
     bar.close()
     rows = [done[c] for c in cells]
     rows = with_ism_drop(rows)
-    write_results(workdir, rows, cfg)
+    if jax.process_index() == 0:
+        write_results(workdir, rows, cfg)
     n_cached = sum(bool(r.get("cached")) for r in rows)
     counts = {k: sum(r["status"] == k for r in rows) for k in ("done", "skipped", "failed")}
     log(f"{len(rows)} cells: {counts['done']} done ({n_cached} from cache), {counts['skipped']} skipped, "
