@@ -109,6 +109,21 @@ def test_a_cell_cached_with_another_config_stops_the_rerun(tiny_eval, tmp_path):
     assert sum(r["status"] == "done" for r in again) == 4
 
 
+def test_a_cached_cell_is_named_by_its_place(tiny_eval, tmp_path):
+    """A cell.json copied from another work dir (there another method's) is served as the cell
+    whose place it holds."""
+    c, workdir, _, _ = tiny_eval
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    cell = copy / "cells" / "subject_0" / "ldu" / "none" / "ti" / "cell.json"
+    entry = json.loads(cell.read_text())
+    cell.write_text(json.dumps({**entry, "method": "ldu@elsewhere", "subject": "subject_9"}))
+    again = evaluate.run(c, str(copy), log=lambda *_: None)
+    served = [r for r in again if r["method"] == "ldu" and r["setting"] == "none" and r["status"] == "done"]
+    assert [r["subject"] for r in served] == ["subject_0"] and served[0]["cached"]
+    assert not any(r["method"] == "ldu@elsewhere" for r in again)
+
+
 def test_cached_only_tabulates_the_cache_and_runs_nothing(tiny_eval):
     c, workdir, rows, _ = tiny_eval
     c = c.copy_and_resolve_references()

@@ -237,7 +237,8 @@ class Runner:
                 if recipe is not None:
                     check_recipe(os.path.join(cell_dir, "cell.json"), cached, recipe,
                                  unrecorded_ok=bool(self.cfg.get("cached_only")))
-                rows.append({k: v for k, v in cached.items() if k != "recipe"} | {"cached": True})
+                # the cell's place names it (a cell.json copied from another work dir may say otherwise)
+                rows.append({k: v for k, v in cached.items() if k != "recipe"} | row | {"cached": True})
                 continue
             rows.append(row)
             if self.cfg.get("cached_only"):
