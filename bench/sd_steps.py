@@ -1,8 +1,11 @@
 """ms per jitted Textual Inversion step and DreamBooth step (loss + grad + update), f32 and bf16,
-with XLA's memory estimate, on the tiny bundle and on an SD-shaped small UNet at 256 px.
+with XLA's memory estimate, on the tiny bundle, on an SD-shaped small UNet at 256 px and on the
+mini-world's model (the evaluation's attacks), each with the step's images given as pixels
+(encoded at every step) and as their VAE posteriors (``common.Moments``, encoded once, as the
+attacks run):
 
-    python bench/sd_steps.py                 # both models, both dtypes
-    python bench/sd_steps.py --models=tiny --dtypes=float32 --steps=3
+    python bench/sd_steps.py                 # every model, both dtypes, both sources
+    python bench/sd_steps.py --models=miniworld --dtypes=float32 --batch=4 --steps=10
 
 "SD-shaped small": Stable Diffusion's UNet layout (4 levels, 3 cross-attention levels, 2 layers
 per block, 8 heads, 768-d text context) at 0.3x its widths, with the tiny VAE at 256 px
@@ -22,7 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import attack_db_tiny, attack_ti_tiny  # noqa: E402
-from ldu_jax.personalize import dreambooth, textual_inversion as ti  # noqa: E402
+from ldu_jax.miniworld import MODELS  # noqa: E402
+from ldu_jax.personalize import common, dreambooth, textual_inversion as ti  # noqa: E402
 from ldu_jax.sd import models as sdm  # noqa: E402
 from ldu_jax.sd import schedule as sch  # noqa: E402
 
@@ -64,39 +68,51 @@ def measure(fn, args, steps):
     return compile_s, float(np.median(times)), peak
 
 
+def row(name, dtype, step, source, compile_s, step_s, peak):
+    print(f"{name:10} {dtype:9} {step:4} {source:8} {compile_s:9.1f} {step_s * 1e3:9.0f} {peak / 2 ** 20:12.0f}",
+          flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="tiny,sd-shaped")
+    ap.add_argument("--models", default="tiny,sd-shaped,miniworld")
+    ap.add_argument("--sources", default="images,moments")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
-    print(f"{'model':10} {'dtype':9} {'step':4} {'compile_s':>9} {'ms/step':>9} {'xla_peak_MiB':>12}")
+    print(f"{'model':10} {'dtype':9} {'step':4} {'source':8} {'compile_s':>9} {'ms/step':>9} {'xla_peak_MiB':>12}")
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             # bf16: bf16 compute in the modules, f32 parameters (master weights)
             dt = getattr(jnp, dtype)
-            sd, params = sdm.load_sd("tiny", dtype=dt) if name == "tiny" else sd_shaped(dt)
+            if name == "sd-shaped":
+                sd, params = sd_shaped(dt)
+            else:
+                sd, params = sdm.load_sd("tiny" if name == "tiny" else os.path.join(MODELS, "sd"), dtype=dt)
             r = sd.resolution
             images = jax.random.uniform(jax.random.PRNGKey(0), (4, r, r, 3), minval=-1, maxval=1)
+            given = {"images": images, "moments": common.moments_fn(sd)(params["vae"], images)}
             sched = sch.make_schedule(sd.scheduler)
-            # Textual Inversion
             sd_t, p_t, tok = sdm.add_placeholder_token(sd, params, "<bench>", "person")
-            cfg = attack_ti_tiny.get_config()
-            tx, _ = ti.make_optimizer(cfg, args.batch)
-            ids = jnp.asarray(ti.template_ids(sd_t, "<bench>", "person"))
-            step = ti.make_step(sd_t, sched, tx, tok, args.batch, 0)
-            c, s, m = measure(step, (ti.init_state(p_t, tok, tx), p_t, images, ids), args.steps)
-            print(f"{name:10} {dtype:9} {'TI':4} {c:9.1f} {s * 1e3:9.0f} {m / 2 ** 20:12.0f}", flush=True)
-            # DreamBooth (UNet fine-tuning with prior preservation)
-            cfg = attack_db_tiny.get_config()
-            tx = dreambooth.make_optimizer(cfg)
-            ids = jnp.asarray(sdm.tokenize(sd, [cfg.instance_prompt, cfg.class_prompt]))
-            step = dreambooth.make_step(sd, sched, tx, cfg, args.batch, 0)
-            state = dreambooth.init_state(params, cfg, tx, jax.random.PRNGKey(0))
-            c, s, m = measure(step, (state, dreambooth.frozen_params(params, cfg), images, images, ids[0], ids[1]),
-                              args.steps)
-            print(f"{name:10} {dtype:9} {'DB':4} {c:9.1f} {s * 1e3:9.0f} {m / 2 ** 20:12.0f}", flush=True)
+            for source in args.sources.split(","):
+                x = given[source]
+                # Textual Inversion
+                cfg = attack_ti_tiny.get_config()
+                tx, _ = ti.make_optimizer(cfg, args.batch)
+                ids = jnp.asarray(ti.template_ids(sd_t, "<bench>", "person"))
+                step = ti.make_step(sd_t, sched, tx, tok, args.batch, 0)
+                c, s, m = measure(step, (ti.init_state(p_t, tok, tx), p_t, x, ids), args.steps)
+                row(name, dtype, "TI", source, c, s, m)
+                # DreamBooth (UNet fine-tuning with prior preservation)
+                cfg = attack_db_tiny.get_config()
+                tx = dreambooth.make_optimizer(cfg)
+                ids = jnp.asarray(sdm.tokenize(sd, [cfg.instance_prompt, cfg.class_prompt]))
+                step = dreambooth.make_step(sd, sched, tx, cfg, args.batch, 0)
+                state = dreambooth.init_state(params, cfg, tx, jax.random.PRNGKey(0))
+                c, s, m = measure(step, (state, dreambooth.frozen_params(params, cfg), x, x, ids[0], ids[1]),
+                                  args.steps)
+                row(name, dtype, "DB", source, c, s, m)
 
 
 if __name__ == "__main__":

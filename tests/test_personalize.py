@@ -13,7 +13,7 @@ from ldu_jax.jobs import attack
 from ldu_jax.personalize import common, dreambooth, lora, textual_inversion as ti
 from ldu_jax.sd import models as sdm
 from ldu_jax.sd import schedule as sch
-from numerics import assert_adam_close
+from numerics import assert_adam_close, assert_tiny_unet_adam_close
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +278,49 @@ def test_subject_mesh_keeps_the_batch_layout_then_spreads_subjects(subjects, bat
     assert shape[0] == max(s for s in range(1, n // shape[1] + 1) if subjects % s == 0 and (n // shape[1]) % s == 0)
     assert shape[1] == parallel.batch_mesh(batch).devices.size   # each subject's batch as in a run alone
     assert len(set(mesh.devices.flat)) == shape[0] * shape[1]
+
+
+def test_steps_on_encoded_images_equal_steps_on_the_images(tiny, faces):
+    """The attacks give their steps the images' VAE posteriors (encoded once): the same batches,
+    latents, losses and updates as encoding the drawn images at every step."""
+    sd, params = tiny
+    sched = sch.make_schedule(sd.scheduler)
+    images = common.load_instance_images(faces, sd.resolution, 1, log=lambda s: None)
+    cls = jnp.asarray(images[::-1] * 0.5)
+    moments = common.moments_fn(sd)
+    for b in (3, 4, 6):   # permutation draws and draws with replacement
+        key, lat = jax.random.PRNGKey(b), jax.random.PRNGKey(10 + b)
+        want = common.batch_latents(sd, params["vae"], key, images, b, lat)
+        got = common.batch_latents(sd, params["vae"], key, moments(params["vae"], images), b, lat)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    sd_t, p_t, tok = sdm.add_placeholder_token(sd, params, "<m>", "person")
+    cfg = ti_config()
+    tx, _ = ti.make_optimizer(cfg, 4)
+    ids = jnp.asarray(ti.template_ids(sd_t, "<m>", "person"))
+    step = jax.jit(ti.make_step(sd_t, sched, tx, tok, 4, 0))
+    runs = {}
+    for name, x in (("images", images), ("moments", moments(p_t["vae"], images)), ("other", moments(p_t["vae"], cls))):
+        state, losses = ti.init_state(p_t, tok, tx), []
+        for _ in range(2):
+            state, info = step(state, p_t, x, ids)
+            losses.append(float(info["loss"]))
+        runs[name] = state.row, losses
+    np.testing.assert_allclose(runs["moments"][1], runs["images"][1], rtol=1e-5)
+    assert_adam_close(runs["moments"][0], runs["images"][0], lr=cfg.lr, steps=2, depth=TI_DEPTH)
+    assert abs(runs["other"][1][0] - runs["images"][1][0]) > 1e-3   # other images' moments: another loss
+    cfg = db_config()
+    tx = dreambooth.make_optimizer(cfg)
+    ids = jnp.asarray(sdm.tokenize(sd, [cfg.instance_prompt, cfg.class_prompt]))
+    frozen = dreambooth.frozen_params(params, cfg)
+    step = jax.jit(dreambooth.make_step(sd, sched, tx, cfg, 4, 0))
+    runs = {}
+    for name, (x, c) in (("images", (images, cls)), ("moments", (moments(params["vae"], images),
+                                                                   moments(params["vae"], cls)))):
+        state = dreambooth.init_state(params, cfg, tx, jax.random.PRNGKey(0))
+        state, info = step(state, frozen, x, c, ids[0], ids[1])
+        runs[name] = state.trainable, {k: float(v) for k, v in info.items()}
+    for k in ("loss_instance", "loss_prior"):
+        np.testing.assert_allclose(runs["moments"][1][k], runs["images"][1][k], rtol=1e-5)
+    # one AdamW step, forward and backward through the VAE encoder and the UNet
+    assert_tiny_unet_adam_close(runs["moments"][0]["unet"], runs["images"][0]["unet"], lr=cfg.lr, steps=1,
+                                depth=TI_DEPTH)

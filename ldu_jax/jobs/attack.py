@@ -93,8 +93,15 @@ class Attacker:
         sd, _ = self.loaded()
         return common.load_instance_images(images_dir, sd.resolution, config.min_images, log)
 
+    def _moments(self, params, images) -> common.Moments:
+        """The images' VAE posteriors, which the steps draw their latents from (the attacks do not
+        train the VAE, so each image is encoded once, not at every step)."""
+        sd, _ = self.loaded()
+        return jax.tree_util.tree_map(np.asarray, common.moments_fn(sd)(params["vae"], images))
+
     def _plan(self, kind, config, images, workdir, log, mesh=None, dsh=None) -> _Plan:
-        """``dsh``: how the step shards its batch (default: over ``mesh``'s data axis)."""
+        """``dsh``: how the step shards its batch (default: over ``mesh``'s data axis). The step's
+        images (args[1]) are the images' ``common.Moments``."""
         mesh = parallel.batch_mesh(config.batch_size) if mesh is None else mesh
         dsh = parallel.data_sharding(mesh) if dsh is None else dsh
         if kind == "ti":
@@ -116,7 +123,7 @@ class Attacker:
                 lambda key: ti.TIState(jnp.zeros((), jnp.int32), row0, tx.init(row0)),
                 lambda: ti.make_step(sd, sch.make_schedule(sd.scheduler), tx, token_id, config.batch_size,
                                      config.seed, dsh),
-                (params, images, ids), finish, mesh)
+                (params, self._moments(params, images), ids), finish, mesh)
         if kind != "dreambooth":
             raise ConfigError(f"unknown attack {kind!r}; one of {KINDS}")
         sd, params = self.loaded()
@@ -143,7 +150,8 @@ class Attacker:
             lambda key: dreambooth.init_state(params, config, tx, key),
             lambda: dreambooth.make_step(sd, sch.make_schedule(sd.scheduler), tx, config, config.batch_size,
                                          config.seed, dsh),
-            (dreambooth.frozen_params(params, config), images, class_images, ids[0], ids[1]), finish, mesh)
+            (dreambooth.frozen_params(params, config), self._moments(params, images),
+             self._moments(params, class_images), ids[0], ids[1]), finish, mesh)
 
     def _train(self, plan: _Plan, init, update, args, *, config, workdir, kind, log, shardings=None,
                arg_shardings=None):
@@ -193,7 +201,8 @@ class Attacker:
         plan = self._plan(kind, config, images[0], group_dir, log, mesh, dsh=P(parallel.AXIS))
         log(f"{kind}: {n} subjects in one program, on a {' x '.join(map(str, mesh.devices.shape))} device mesh "
             f"({' x '.join(mesh.axis_names)})")
-        args = (plan.args[0], np.stack(images)) + plan.args[2:]
+        moments = [self._moments(plan.args[0], x) for x in images]
+        args = (plan.args[0], jax.tree_util.tree_map(lambda *m: np.stack(m), *moments)) + plan.args[2:]
         rep, sub = parallel.replicated(mesh), NamedSharding(mesh, P(parallel.SUBJECTS))
 
         def make_step():

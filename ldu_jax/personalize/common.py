@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +30,53 @@ def load_instance_images(folder: str, resolution: int, min_images: int = 1, log=
     return images
 
 
-def sample_batch(key, images, batch_size: int, flip: bool = True):
-    """A random batch of the instance images (without replacement when possible), randomly flipped."""
-    n = images.shape[0]
+def _draw(key, n: int, batch_size: int, flip: bool):
+    """Which of n images a batch takes (without replacement when possible) and which it mirrors."""
     k_idx, k_flip = jax.random.split(key)
     if batch_size <= n:
         idx = jax.random.permutation(k_idx, n)[:batch_size]
     else:
         idx = jax.random.randint(k_idx, (batch_size,), 0, n)
+    f = jax.random.bernoulli(k_flip, 0.5, (batch_size,)) if flip else jnp.zeros((batch_size,), bool)
+    return idx, f
+
+
+def sample_batch(key, images, batch_size: int, flip: bool = True):
+    """A random batch of the instance images (without replacement when possible), randomly flipped."""
+    idx, f = _draw(key, images.shape[0], batch_size, flip)
     x = images[idx]
-    if flip:
-        f = jax.random.bernoulli(k_flip, 0.5, (batch_size, 1, 1, 1))
-        x = jnp.where(f, x[:, :, ::-1], x)
-    return x
+    return jnp.where(f[:, None, None, None], x[:, :, ::-1], x) if flip else x
+
+
+class Moments(NamedTuple):
+    """The VAE posterior (scaled mean and std) of a set of images and of their mirror images,
+    [2, N, h, w, c] each (index 1: mirrored). A trainer that only reads the images through the
+    frozen VAE encodes them once (``image_moments``) instead of at every step."""
+    mean: Any
+    std: Any
+
+
+def image_moments(sd, vae_params, images) -> Moments:
+    """``Moments`` of images [N, R, R, 3] in [-1, 1]."""
+    both = jnp.concatenate([images, images[:, :, ::-1]])
+    mean, std = vae_lib.posterior(vae_lib.VAE(sd.vae, None), vae_params, both)
+    return Moments(*(a.reshape((2, images.shape[0]) + a.shape[1:]) for a in (mean, std)))
+
+
+def batch_latents(sd, vae_params, key, source, batch_size: int, latents_key, sharding=None):
+    """A random flipped batch of scaled latents, posterior samples drawn with ``latents_key``.
+
+    ``source``: the images [N, R, R, 3] (encoded here) or their ``Moments``; the same keys give
+    the same batch either way (up to float rounding). ``sharding``: a constraint for the batch."""
+    def constrain(a):
+        return a if sharding is None else jax.lax.with_sharding_constraint(a, sharding)
+
+    if not isinstance(source, Moments):
+        x = constrain(sample_batch(key, source, batch_size))
+        return vae_lib.encode(vae_lib.VAE(sd.vae, None), vae_params, x, latents_key)
+    idx, f = _draw(key, source.mean.shape[1], batch_size, True)
+    mean, std = (constrain(a[f.astype(jnp.int32), idx]) for a in source)
+    return mean + std * jax.random.normal(latents_key, mean.shape, mean.dtype)
 
 
 def denoising_loss(sd, sched, params, images, input_ids, key, latents_key=None):
@@ -52,6 +87,14 @@ def denoising_loss(sd, sched, params, images, input_ids, key, latents_key=None):
     """
     k_lat, k_noise, k_t = jax.random.split(key, 3)
     z = vae_lib.encode(vae_lib.VAE(sd.vae, None), params["vae"], images, k_lat if latents_key is None else latents_key)
+    return latent_loss(sd, sched, params, z, input_ids, k_noise, k_t)
+
+
+def batch_loss(sd, sched, params, source, batch_key, batch_size: int, input_ids, key, sharding=None):
+    """``denoising_loss`` of a random flipped batch of ``source`` (images or their ``Moments``,
+    see ``batch_latents``), the batch drawn from ``batch_key``, latent, noise and t from ``key``."""
+    k_lat, k_noise, k_t = jax.random.split(key, 3)
+    z = batch_latents(sd, params["vae"], batch_key, source, batch_size, k_lat, sharding)
     return latent_loss(sd, sched, params, z, input_ids, k_noise, k_t)
 
 
@@ -99,6 +142,12 @@ def generate(sd, params, prompts, *, n_per_prompt: int, steps: int, guidance: fl
             imgs.append(data_lib.to_uint8(np.asarray(decode(params["vae"], z))[:b]))
         out[prompt] = np.concatenate(imgs)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def moments_fn(sd):
+    """A jitted ``image_moments(sd, vae_params, images)`` per model."""
+    return jax.jit(lambda p, x: image_moments(sd, p, x))
 
 
 @functools.lru_cache(maxsize=None)

@@ -59,33 +59,27 @@ def make_optimizer(cfg):
 
 
 def make_step(sd, sched, tx, cfg, batch_size: int, seed: int, data_sharding=None):
-    """``step(state, frozen, inst_images, class_images, inst_ids, class_ids) -> (state, info)``.
+    """``step(state, frozen, inst, cls, inst_ids, class_ids) -> (state, info)``.
 
     Loss = instance loss + ``prior_weight`` x class loss (when ``prior_weight > 0``), each the SD
-    noise-prediction loss on a random flipped batch of that set under its prompt ([L] ids).
+    noise-prediction loss on a random flipped batch of that set under its prompt ([L] ids). ``inst``
+    and ``cls``: the images, or their ``common.Moments`` (the VAE is frozen: encoded once).
     """
     prior = cfg.prior_weight > 0
 
-    def step(state: DBState, frozen, inst_images, class_images, inst_ids, class_ids):
+    def step(state: DBState, frozen, inst, cls, inst_ids, class_ids):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
         k_i, k_c, k_li, k_lc = jax.random.split(key, 4)
-        xi = common.sample_batch(k_i, inst_images, batch_size)
         ids_i = jnp.broadcast_to(inst_ids, (batch_size,) + inst_ids.shape)
-        if prior:
-            xc = common.sample_batch(k_c, class_images, batch_size)
-            ids_c = jnp.broadcast_to(class_ids, (batch_size,) + class_ids.shape)
-        if data_sharding is not None:
-            xi = jax.lax.with_sharding_constraint(xi, data_sharding)
-            if prior:
-                xc = jax.lax.with_sharding_constraint(xc, data_sharding)
+        ids_c = jnp.broadcast_to(class_ids, (batch_size,) + class_ids.shape)
 
         def loss_fn(trainable):
             p = full_params(frozen, trainable, cfg)
-            li = jnp.mean(common.denoising_loss(sd, sched, p, xi, ids_i, k_li))
+            li = jnp.mean(common.batch_loss(sd, sched, p, inst, k_i, batch_size, ids_i, k_li, data_sharding))
             aux = {"loss_instance": li}
             if not prior:
                 return li, aux
-            lc = jnp.mean(common.denoising_loss(sd, sched, p, xc, ids_c, k_lc))
+            lc = jnp.mean(common.batch_loss(sd, sched, p, cls, k_c, batch_size, ids_c, k_lc, data_sharding))
             aux["loss_prior"] = lc
             return li + cfg.prior_weight * lc, aux
 

@@ -81,20 +81,20 @@ def init_state(params, token_id: int, tx) -> TIState:
 def make_step(sd, sched, tx, token_id: int, batch_size: int, seed: int, data_sharding=None):
     """``step(state, params, images, prompt_ids) -> (state, info)``: one (micro) step of TI.
 
-    images: all instance images [N, R, R, 3] (replicated); each step draws a random flipped batch
-    and a random template per example from ``prompt_ids`` [K, L], from ``fold_in(seed, step)``.
+    images: all instance images [N, R, R, 3] (replicated), or their ``common.Moments`` (the VAE is
+    frozen: encoded once); each step draws a random flipped batch and a random template per example
+    from ``prompt_ids`` [K, L], from ``fold_in(seed, step)``.
     """
     def step(state: TIState, params, images, prompt_ids):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
         k_batch, k_tpl, k_loss = jax.random.split(key, 3)
-        x = common.sample_batch(k_batch, images, batch_size)
         ids = prompt_ids[jax.random.randint(k_tpl, (batch_size,), 0, prompt_ids.shape[0])]
         if data_sharding is not None:
-            x = jax.lax.with_sharding_constraint(x, data_sharding)
             ids = jax.lax.with_sharding_constraint(ids, data_sharding)
 
         def loss_fn(row):
-            return jnp.mean(common.denoising_loss(sd, sched, with_row(params, token_id, row), x, ids, k_loss))
+            return jnp.mean(common.batch_loss(sd, sched, with_row(params, token_id, row), images, k_batch, batch_size,
+                                              ids, k_loss, data_sharding))
 
         loss, grad = jax.value_and_grad(loss_fn)(state.row)
         updates, opt_state = tx.update(grad, state.opt_state, state.row)
