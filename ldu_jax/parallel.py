@@ -160,9 +160,10 @@ def fetch(tree):
 _BARRIERS = itertools.count()
 
 
-class Process0Failed(RuntimeError):
-    """Raised on the other processes when process 0 failed in work it does for all (its own
-    traceback is on process 0)."""
+class ProcessFailed(RuntimeError):
+    """Raised on the other processes when one failed in work they all wait for (its own traceback
+    is on that process): process 0's work for all (``process0_first``), or a host's share
+    (``every_process``)."""
 
 
 def sync(name: str, timeout_s: int = 3600, status: str | None = None) -> str | None:
@@ -186,6 +187,45 @@ def sync(name: str, timeout_s: int = 3600, status: str | None = None) -> str | N
     return client.blocking_key_value_get(key + "/status", 60_000) or None
 
 
+def sync_each(name: str, status: str | None = None, timeout_s: int = 3600) -> list[str | None]:
+    """A barrier of every process that carries each one's word: every process's ``status``, in
+    process order, on every process after the barrier; ``[status]`` in one process."""
+    if jax.process_count() == 1:
+        return [status]
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("sync_each needs the runtime started by jax.distributed.initialize (parallel.initialize)")
+    key = f"ldu_jax/{next(_BARRIERS)}/{name}"
+    client.key_value_set(f"{key}/status/{jax.process_index()}", status or "")
+    client.wait_at_barrier(key, timeout_in_ms=timeout_s * 1000)
+    return [client.blocking_key_value_get(f"{key}/status/{i}", 60_000) or None for i in range(jax.process_count())]
+
+
+def _failure(err: BaseException | None) -> str | None:
+    return None if err is None else f"{type(err).__name__}: {err}"
+
+
+def every_process(fn, name: str):
+    """``fn()`` on every process (each its own share of a job), then a barrier at which each says
+    whether its share failed: a process whose ``fn`` raised raises that error, the others raise
+    ``ProcessFailed`` naming it, so none waits at a later barrier for a host that stopped."""
+    out, err = None, None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - raised again below, after the barrier
+        if jax.process_count() == 1:
+            raise
+        err = e
+    statuses = sync_each(name, _failure(err))
+    if err is not None:
+        raise err
+    failed = [(i, s) for i, s in enumerate(statuses) if s]
+    if failed:
+        raise ProcessFailed(f"{name}: process {failed[0][0]} failed ({failed[0][1]})")
+    return out
+
+
 def share(obj, name: str):
     """Process 0's ``obj`` (JSON: dicts, lists, strings, numbers, numpy scalars as floats) on every
     process, after a barrier; ``obj`` itself in one process."""
@@ -198,7 +238,7 @@ def share(obj, name: str):
 def process0_first(fn, name: str, others: bool = True):
     """``fn()`` on process 0, then, after a barrier, on every other process: what process 0 writes
     (e.g. a built-in image folder under the work dir) the others find written. An exception on
-    process 0 is raised after the barrier, and the others raise ``Process0Failed`` naming it, so
+    process 0 is raised after the barrier, and the others raise ``ProcessFailed`` naming it, so
     no host waits for the failed one. ``others=False``: process 0 alone runs ``fn`` (the others
     return None after the barrier)."""
     if jax.process_count() == 1:
@@ -209,9 +249,9 @@ def process0_first(fn, name: str, others: bool = True):
             out = fn()
         except Exception as e:  # noqa: BLE001 - raised again below, after the barrier
             err = e
-    failed = sync(name, status=f"{type(err).__name__}: {err}" if err is not None else None)
+    failed = sync(name, status=_failure(err))
     if err is not None:
         raise err
     if failed:
-        raise Process0Failed(f"{name}: process 0 failed ({failed})")
+        raise ProcessFailed(f"{name}: process 0 failed ({failed})")
     return out if jax.process_index() == 0 or not others else fn()

@@ -216,7 +216,43 @@ def test_when_process0_fails_for_all_the_others_stop_too(tmp_path):
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [1, 1], errs
     assert errs[0].strip().splitlines()[-1] == "OSError: disk full"
-    assert errs[1].strip().splitlines()[-1] == "Process0Failed: export: process 0 failed (OSError: disk full)"
+    assert errs[1].strip().splitlines()[-1] == "ProcessFailed: export: process 0 failed (OSError: disk full)"
+
+
+_HOST1_FAILS = """
+import sys
+import numpy as np
+from ldu_jax import parallel
+from ldu_jax.protect import io as pio
+parallel.initialize("on", sys.argv[1], 2, int(sys.argv[2]))
+def protect_batch(x, index):
+    if index == 1:   # process 1's batch
+        raise MemoryError("out of device memory")
+    return x
+try:
+    pio.protect_folder(sys.argv[3], sys.argv[4], "test", 8, pio.Budget("linf", 1.0), protect_batch, 2,
+                       log=lambda s: None, process_index=int(sys.argv[2]), process_count=2,
+                       barrier=parallel.sync, every_process=parallel.every_process)
+except Exception as e:
+    sys.exit(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_when_one_host_fails_its_share_the_others_stop_too(tmp_path):
+    """A folder split over 2 processes whose process 1 fails in its own batch: it raises its error,
+    and process 0, instead of waiting for process 1's part at the merge barrier (an hour), raises
+    one naming it; no report is written."""
+    src = _photos(tmp_path / "in")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _HOST1_FAILS, f"127.0.0.1:{port}", str(i), src,
+                               str(tmp_path / "out")], cwd=ROOT, env=_env(1), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert errs[1].strip().splitlines()[-1] == "MemoryError: out of device memory"
+    assert errs[0].strip().splitlines()[-1] == ("ProcessFailed: protect_folder: batches: process 1 failed "
+                                                "(MemoryError: out of device memory)")
+    assert sorted(os.listdir(tmp_path / "out")) == ["0.png", "1.png"]   # process 0's batch, no report
 
 
 def _tree_digest(root):

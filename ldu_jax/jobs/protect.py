@@ -200,7 +200,7 @@ def protect_dir(method: str, config, checkpoint: str | None, input_dir: str, out
     protect_batch, res = protector or make_protector(method, config, checkpoint, log)
     return pio.protect_folder(input_dir, output_dir, method, res, budget, protect_batch, config.apply_batch, log,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              barrier=parallel.sync)
+                              barrier=parallel.sync, every_process=parallel.every_process)
 
 
 def demo(config, out_dir: str = "ldu_demo", log=print) -> list[dict]:

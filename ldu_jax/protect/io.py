@@ -302,7 +302,8 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
                    protect_batch: Callable[[np.ndarray, int], np.ndarray], batch_size: int,
                    log: Callable[[str], None] = print, max_pixels: int | None = None, *,
                    process_index: int = 0, process_count: int = 1,
-                   barrier: Callable[[str], None] | None = None) -> list[dict]:
+                   barrier: Callable[[str], None] | None = None,
+                   every_process: Callable[[Callable[[], None], str], None] | None = None) -> list[dict]:
     """Protect every image under `input_dir` into `output_dir/<name>.png` plus `report.csv`.
 
     Batch `i` of the folder is files [i * batch_size, (i + 1) * batch_size) of the sorted list
@@ -313,19 +314,21 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
     decoded images are held in memory. Rows follow the input order; 'file' is the input path
     relative to `input_dir`, 'seconds' the batch's model time / n plus the image's own time.
 
-    Across hosts (`process_count` > 1, every host calling this with its `process_index` and a
-    `barrier(name)` of all of them, `output_dir` on storage every host sees): host p protects
-    batches p, p + n, p + 2n, ... and writes their files (each file exactly once, atomically) and
-    its rows to a part file; after a barrier every host reads all parts and returns every row, and
-    process 0 writes the one report.csv and removes the parts. A killed run is rerun as a whole
-    (every file is rewritten; parts left by it are replaced or removed).
+    Across hosts (`process_count` > 1, every host calling this with its `process_index`, a
+    `barrier(name)` of all of them and `every_process(fn, name)`, which runs each host's share and
+    stops every host when one failed (`parallel.every_process`); `output_dir` on storage every
+    host sees): host p protects batches p, p + n, p + 2n, ... and writes their files (each file
+    exactly once, atomically) and its rows to a part file; after a barrier every host reads all
+    parts and returns every row, and process 0 writes the one report.csv and removes the parts. A
+    host whose batches raise stops with its error and the others with one naming it. A killed run
+    is rerun as a whole (every file is rewritten; parts left by it are replaced or removed).
     """
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     if not 0 <= process_index < process_count:
         raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
-    if process_count > 1 and barrier is None:
-        raise ValueError('a folder shared by several processes needs their barrier')
+    if process_count > 1 and (barrier is None or every_process is None):
+        raise ValueError('a folder shared by several processes needs their barrier and every_process')
     check_dirs(input_dir, output_dir)
     root, out_dir = pathlib.Path(input_dir), pathlib.Path(output_dir)
     paths = data.list_images(root)
@@ -363,21 +366,27 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
                 f'linf {row["linf"] * 255:.0f}/255' + (f' (scaled x{info["scale"]:.3f})'
                                                        if info['scaled'] else ''))
 
-    mine = 0
-    for index, first in enumerate(range(0, len(paths), batch_size)):
-        if index % process_count != process_index:
-            continue
-        pending: list[Item] = []
-        for path, name in zip(paths[first:first + batch_size], names[first:first + batch_size]):
-            mine += 1
-            try:
-                pending.append(read_item(path, name, resolution, max_pixels))
-            except data.DataError as e:
-                bad.append((path, str(e)))
-                rows[path] = _error_row(rel[path], method, str(e))
-        if pending:
-            run(pending, index)
-    data.report_bad(bad, mine, log)
+    def protect_mine() -> None:
+        mine = 0
+        for index, first in enumerate(range(0, len(paths), batch_size)):
+            if index % process_count != process_index:
+                continue
+            pending: list[Item] = []
+            for path, name in zip(paths[first:first + batch_size], names[first:first + batch_size]):
+                mine += 1
+                try:
+                    pending.append(read_item(path, name, resolution, max_pixels))
+                except data.DataError as e:
+                    bad.append((path, str(e)))
+                    rows[path] = _error_row(rel[path], method, str(e))
+            if pending:
+                run(pending, index)
+        data.report_bad(bad, mine, log)
+
+    if process_count > 1:
+        every_process(protect_mine, 'protect_folder: batches')
+    else:
+        protect_mine()
     if process_count > 1:
         result = _merge_parts(out_dir, paths, rel, rows, process_index, process_count, barrier)
     else:
