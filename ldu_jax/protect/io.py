@@ -385,11 +385,9 @@ def protect_folder(input_dir, output_dir, method: str, resolution: int, budget: 
 
     if process_count > 1:
         every_process(protect_mine, 'protect_folder: batches')
-    else:
-        protect_mine()
-    if process_count > 1:
         result = _merge_parts(out_dir, paths, rel, rows, process_index, process_count, barrier)
     else:
+        protect_mine()
         result = [rows[p] for p in paths]
     if process_index == 0:
         write_report(out_dir, result)
