@@ -270,9 +270,10 @@ def test_two_processes_build_the_world_as_one(tmp_path):
     global batches of 8 portraits + 8 non-faces, 4 steps; a VAE of global batch 8, here trained 6
     steps; the t2i model on global batches of 8, here 4 steps; the shortcut model, 4 steps of 8, and
     ρ, 2 steps of 8 without the uint8 rounding (see rho_runs), on the training images; the export)
-    as 2 processes x 4 devices and as 1 x 8: process 0 writes the same data files and tokenizer; each host renders or reads its rows of the
-    same global batches, so the loss curves and the final parameters agree; one manifest, one VAE
-    folder, one t2i bundle and one export, written by process 0."""
+    as 2 processes x 4 devices and as 1 x 8: process 0 writes the same data files and tokenizer;
+    each host renders or reads its rows of the same global batches, so the loss curves and the final
+    parameters agree; one manifest, one VAE folder, one t2i bundle and one export, written by
+    process 0."""
     args = ["-m", "ldu_jax.cli.build_world", "--profile=test", "--set=rho.quantize=False",
             "--set=vae.max_steps=6", "--set=vae.log_every=2", "--set=vae.save_every=6",
             "--set=t2i.max_steps=4", "--set=t2i.log_every=2", "--set=t2i.save_every=4"]
