@@ -11,7 +11,8 @@ Step counts are flags (the published ones, e.g. 100 PGD steps or ASPL's 50 x (3+
 CPU); the cost of a PGD method grows linearly with its steps, so seconds per image at the
 published settings ~ the figure here x published steps / steps used. "SD-shaped small" is
 bench/sd_steps.py's model (SD's UNet layout at 0.3x widths, tiny VAE, 768-d text encoder).
-Compilation time is reported separately and excluded from s/img.
+Compilation time is reported separately and excluded from s/img. ``--convs=xla,taps`` compares the
+SD modules' convolutions (``ldu_jax.sd.conv``; 'auto': taps on CPU).
 """
 import argparse
 import functools
@@ -31,6 +32,7 @@ import numpy as np
 
 from ldu_jax import parallel
 from ldu_jax.protect import baselines as bl
+from ldu_jax.sd import conv
 
 
 def baseline_config(method, args, model):
@@ -99,6 +101,28 @@ def ldu_cases(model, args):
     ]
 
 
+def bench_model(model, impl, methods, args):
+    base = [m for m in methods if m in bl.METHODS]
+    if base:
+        sd, p, res = load_model(model)
+        mesh = parallel.batch_mesh(args.batch)
+        dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
+        x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(0), (args.batch, res, res, 3),
+                                              minval=-1, maxval=1), dsh)
+        for method in base:
+            c = baseline_config(method, args, model)
+            params = jax.device_put(bl.prepare(method, sd, p, c, res, log=lambda s: None), rep)
+            fn = functools.partial(_protect, method, sd, c)
+            comp, s = timed(fn, (params, x, jax.random.PRNGKey(0)), args.repeats)
+            print(f"{model:10} {impl:5} {method:11} {describe(method, c):>14} {comp:9.1f} {s / args.batch:9.3f}",
+                  flush=True)
+    if any(m in ("ldu", "ldu-opt") for m in methods):
+        for name, steps, fn, fargs in ldu_cases(model, args):
+            if name in methods:
+                comp, s = timed(fn, fargs, args.repeats)
+                print(f"{model:10} {impl:5} {name:11} {steps:>14} {comp:9.1f} {s / args.batch:9.3f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,sd-shaped")
@@ -110,31 +134,15 @@ def main():
     ap.add_argument("--n_draws", type=int, default=1)
     ap.add_argument("--opt_steps", type=int, default=10, help="ldu-opt Adam steps")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--convs", default="auto", help="the SD modules' convs: comma list of xla, taps, auto")
     args = ap.parse_args()
     methods = args.methods.split(",")
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch}", flush=True)
-    print(f"{'model':10} {'method':11} {'steps':>14} {'compile_s':>9} {'s/img':>9}", flush=True)
+    print(f"{'model':10} {'conv':5} {'method':11} {'steps':>14} {'compile_s':>9} {'s/img':>9}", flush=True)
     for model in args.models.split(","):
-        rows = []
-        base = [m for m in methods if m in bl.METHODS]
-        if base:
-            sd, p, res = load_model(model)
-            mesh = parallel.batch_mesh(args.batch)
-            dsh, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
-            x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(0), (args.batch, res, res, 3),
-                                                  minval=-1, maxval=1), dsh)
-            for method in base:
-                c = baseline_config(method, args, model)
-                params = jax.device_put(bl.prepare(method, sd, p, c, res, log=lambda s: None), rep)
-                fn = functools.partial(_protect, method, sd, c)
-                comp, s = timed(fn, (params, x, jax.random.PRNGKey(0)), args.repeats)
-                rows.append((method, describe(method, c), comp, s))
-                print(f"{model:10} {method:11} {rows[-1][1]:>14} {comp:9.1f} {s / args.batch:9.3f}", flush=True)
-        if any(m in ("ldu", "ldu-opt") for m in methods):
-            for name, steps, fn, fargs in ldu_cases(model, args):
-                if name in methods:
-                    comp, s = timed(fn, fargs, args.repeats)
-                    print(f"{model:10} {name:11} {steps:>14} {comp:9.1f} {s / args.batch:9.3f}", flush=True)
+        for impl in args.convs.split(","):
+            with conv.using(impl):
+                bench_model(model, impl, methods, args)
 
 
 def _import_bench_ldu():

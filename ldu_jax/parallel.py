@@ -98,6 +98,28 @@ def subject_mesh(n_subjects: int, batch_size: int) -> Mesh:
     return Mesh(np.asarray(devices[:s * b]).reshape(s, b), (SUBJECTS, AXIS))
 
 
+def map_subjects(fn, in_axes):
+    """``fn`` over a leading subject axis of the arguments whose ``in_axes`` entry is 0 (None:
+    shared by every subject): ``jax.vmap`` on accelerators; on CPU ``lax.map``, one subject after
+    another in one program, which with the SD modules' tap convs (``sd.conv``) ran the four
+    subjects' DreamBooth steps 1.4x and their TI steps 1.3x faster than vmap (there vmapped
+    per-subject kernels become XLA:CPU's slow grouped convolutions)."""
+    if any(a not in (0, None) for a in in_axes):
+        raise ValueError(f"map_subjects: in_axes of 0 or None only, got {in_axes}")
+    if jax.default_backend() != "cpu":
+        return jax.vmap(fn, in_axes=in_axes)
+    mapped = [i for i, a in enumerate(in_axes) if a == 0]
+
+    def over(*args):
+        def one(xs):
+            full = list(args)
+            for i, x in zip(mapped, xs):
+                full[i] = x
+            return fn(*full)
+        return jax.lax.map(one, tuple(args[i] for i in mapped))
+    return over
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 

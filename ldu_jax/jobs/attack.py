@@ -183,7 +183,8 @@ class Attacker:
     def train_many(self, kind, config, images_dirs, workdirs, group_dir: str, log=print, save_model: bool = True,
                    images=None):
         """Train attack ``kind`` on several folders of equally many images as one program (the
-        step vmapped over a subject axis, sharded over the devices: ``parallel.subject_mesh``);
+        step mapped over a subject axis, ``parallel.map_subjects``, and the subjects sharded over
+        the devices, ``parallel.subject_mesh``);
         [(sd, params, token)] in order. Every subject's result
         equals ``train`` on its folder alone (up to float rounding): the same draws, its own
         state. Checkpoints of the stacked states go to ``group_dir``, each result to its workdir.
@@ -201,7 +202,7 @@ class Attacker:
         plan = self._plan(kind, config, images[0], group_dir, log, mesh, dsh=P(parallel.AXIS))
         log(f"{kind}: {n} subjects in one program, on a {' x '.join(map(str, mesh.devices.shape))} device mesh "
             f"({' x '.join(mesh.axis_names)})")
-        moments = [self._moments(plan.args[0], x) for x in images]
+        moments = [plan.args[1]] + [self._moments(plan.args[0], x) for x in images[1:]]   # plan: images[0]'s
         args = (plan.args[0], jax.tree_util.tree_map(lambda *m: np.stack(m), *moments)) + plan.args[2:]
         rep, sub = parallel.replicated(mesh), NamedSharding(mesh, P(parallel.SUBJECTS))
 
@@ -209,8 +210,8 @@ class Attacker:
             # Each device group runs its own subjects (shard_map, manual over the subject axis; the
             # data axis stays automatic). Not vmap with spmd_axis_name: XLA's partitioner miscomputes
             # a vmapped 1x1 conv whose kernel is batched and sharded over the vmapped axis (DreamBooth's
-            # UNet: the loss off by 1%), while inside shard_map each group's grouped conv is local.
-            step = jax.shard_map(jax.vmap(plan.make_step(), in_axes=(0, None, 0) + (None,) * (len(args) - 2)),
+            # UNet: the loss off by 1%), while inside shard_map each group's subjects are local.
+            step = jax.shard_map(parallel.map_subjects(plan.make_step(), (0, None, 0) + (None,) * (len(args) - 2)),
                                  mesh=mesh, in_specs=(P(parallel.SUBJECTS), P(), P(parallel.SUBJECTS))
                                  + (P(),) * (len(args) - 2), out_specs=P(parallel.SUBJECTS),
                                  axis_names={parallel.SUBJECTS})

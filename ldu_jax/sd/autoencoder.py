@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ldu_jax.errors import ConfigError
+from ldu_jax.sd.conv import conv
 
 Dtype = Any
 NORM_EPS = 1e-6  # diffusers' VAE passes eps 1e-6 to every GroupNorm (not torch's default 1e-5)
@@ -103,12 +104,6 @@ class VAEConfig:
         return config
 
 
-def _conv(features: int, kernel: int, dtype, name=None, stride: int = 1, pad: int | None = None):
-    pad = kernel // 2 if pad is None else pad
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, name=name)
-
-
 def _norm(groups: int, dtype, name=None):
     return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS, dtype=dtype, name=name)
 
@@ -120,10 +115,10 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = _conv(self.out_channels, 3, self.dtype, "conv1")(nn.silu(_norm(self.groups, self.dtype, "norm1")(x)))
-        h = _conv(self.out_channels, 3, self.dtype, "conv2")(nn.silu(_norm(self.groups, self.dtype, "norm2")(h)))
+        h = conv(self.out_channels, 3, self.dtype, "conv1")(nn.silu(_norm(self.groups, self.dtype, "norm1")(x)))
+        h = conv(self.out_channels, 3, self.dtype, "conv2")(nn.silu(_norm(self.groups, self.dtype, "norm2")(h)))
         if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
+            x = conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
         return x + h
 
 
@@ -166,9 +161,9 @@ class Resample(nn.Module):
         c = x.shape[-1]
         if self.mode == "down":
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-            return _conv(c, 3, self.dtype, "conv", stride=2, pad=0)(x)
+            return conv(c, 3, self.dtype, "conv", stride=2, pad=0)(x)
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(c, 3, self.dtype, "conv")(x)
+        return conv(c, 3, self.dtype, "conv")(x)
 
 
 class Block(nn.Module):
@@ -197,13 +192,13 @@ class Encoder(nn.Module):
     def __call__(self, x):
         cfg, dt = self.config, self.dtype
         widths = cfg.block_out_channels
-        x = _conv(widths[0], 3, dt, "conv_in")(x)
+        x = conv(widths[0], 3, dt, "conv_in")(x)
         for i, ch in enumerate(widths):
             mode = "down" if i < len(widths) - 1 else None
             x = Block(ch, cfg.layers_per_block, cfg.norm_num_groups, mode, dt, name=f"down_blocks_{i}")(x)
         x = MidBlock(cfg.norm_num_groups, dt, name="mid_block")(x)
         x = nn.silu(_norm(cfg.norm_num_groups, dt, "conv_norm_out")(x))
-        return _conv(2 * cfg.latent_channels, 3, dt, "conv_out")(x)
+        return conv(2 * cfg.latent_channels, 3, dt, "conv_out")(x)
 
 
 class Decoder(nn.Module):
@@ -214,13 +209,13 @@ class Decoder(nn.Module):
     def __call__(self, z):
         cfg, dt = self.config, self.dtype
         widths = cfg.block_out_channels[::-1]
-        x = _conv(widths[0], 3, dt, "conv_in")(z)
+        x = conv(widths[0], 3, dt, "conv_in")(z)
         x = MidBlock(cfg.norm_num_groups, dt, name="mid_block")(x)
         for i, ch in enumerate(widths):
             mode = "up" if i < len(widths) - 1 else None
             x = Block(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, mode, dt, name=f"up_blocks_{i}")(x)
         x = nn.silu(_norm(cfg.norm_num_groups, dt, "conv_norm_out")(x))
-        return _conv(cfg.out_channels, 3, dt, "conv_out")(x)
+        return conv(cfg.out_channels, 3, dt, "conv_out")(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -233,8 +228,8 @@ class AutoencoderKL(nn.Module):
         latent = self.config.latent_channels
         self.encoder = Encoder(self.config, self.dtype)
         self.decoder = Decoder(self.config, self.dtype)
-        self.quant_conv = _conv(2 * latent, 1, self.dtype)
-        self.post_quant_conv = _conv(latent, 1, self.dtype)
+        self.quant_conv = conv(2 * latent, 1, self.dtype)
+        self.post_quant_conv = conv(latent, 1, self.dtype)
 
     def encode(self, x):
         mean, logvar = jnp.split(self.quant_conv(self.encoder(x)), 2, axis=-1)

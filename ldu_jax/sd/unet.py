@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ldu_jax.errors import ConfigError
+from ldu_jax.sd.conv import conv
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -172,11 +173,6 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, ma
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def _conv(features, kernel, dtype, name, stride=1):
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)), dtype=dtype, name=name)
-
-
 def _group_norm(groups, eps, name):
     # no compute dtype: float32 with float32 params, as diffusers' Flax UNet; two-pass variance as
     # PyTorch (E[x^2] - E[x]^2 loses digits when the mean is large against the spread)
@@ -201,11 +197,11 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb):
-        h = _conv(self.features, 3, self.dtype, "conv1")(nn.silu(_group_norm(self.groups, self.eps, "norm1")(x)))
+        h = conv(self.features, 3, self.dtype, "conv1")(nn.silu(_group_norm(self.groups, self.eps, "norm1")(x)))
         h = h + nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None]
-        h = _conv(self.features, 3, self.dtype, "conv2")(nn.silu(_group_norm(self.groups, self.eps, "norm2")(h)))
+        h = conv(self.features, 3, self.dtype, "conv2")(nn.silu(_group_norm(self.groups, self.eps, "norm2")(h)))
         if x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.dtype, "conv_shortcut")(x)
+            x = conv(self.features, 1, self.dtype, "conv_shortcut")(x)
         return x + h
 
 
@@ -277,7 +273,7 @@ class Transformer2D(nn.Module):
         b, hh, ww, c = x.shape
 
         def proj(name):
-            return nn.Dense(c, dtype=self.dtype, name=name) if self.linear else _conv(c, 1, self.dtype, name)
+            return nn.Dense(c, dtype=self.dtype, name=name) if self.linear else conv(c, 1, self.dtype, name)
 
         h = proj("proj_in")(_group_norm(self.groups, 1e-6, "norm")(x)).reshape(b, hh * ww, c)
         for k in range(self.depth):
@@ -295,7 +291,7 @@ class Resample(nn.Module):
     def __call__(self, x):
         if self.up:
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], 3, self.dtype, "conv", stride=1 if self.up else 2)(x)
+        return conv(x.shape[-1], 3, self.dtype, "conv", stride=1 if self.up else 2)(x)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -388,7 +384,7 @@ class UNet(nn.Module):
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = TimestepEmbedding(4 * c.block_out_channels[0], self.dtype, name="time_embedding")(temb)
 
-        x = _conv(c.block_out_channels[0], 3, self.dtype, "conv_in")(sample)
+        x = conv(c.block_out_channels[0], 3, self.dtype, "conv_in")(sample)
         skips = [x]
         for i in range(n):
             x, s = DownBlock(c, i, self.dtype, name=f"down_blocks_{i}")(x, temb, ctx)
@@ -400,7 +396,7 @@ class UNet(nn.Module):
             x = UpBlock(c, u, self.dtype, name=f"up_blocks_{u}")(x, temb, ctx, tuple(skips[-k:]))
             skips = skips[:-k]
         x = nn.silu(_group_norm(c.norm_num_groups, c.norm_eps, "conv_norm_out")(x))
-        return _conv(c.out_channels, 3, self.dtype, "conv_out")(x)
+        return conv(c.out_channels, 3, self.dtype, "conv_out")(x)
 
     def init_params(self, rng) -> dict:
         """Random float32 params (Flax's default initialisers), traced on the smallest sample; the key
