@@ -4,11 +4,11 @@ over the kernel's taps.
 
 Why taps on CPU (``python bench/sd_steps.py --convs=xla,taps``): XLA:CPU's convolution is slow
 where the evaluation spends its time. A vmapped DreamBooth step, whose kernels are batched per
-subject, becomes grouped convolutions, which ran 0.85x the speed of training the subjects one by
+subject, becomes grouped convolutions, which ran 0.87x the speed of training the subjects one by
 one; in a loop over subjects the kernels' gradient convolutions ran at a third of that. As taps
 (the input's k x k shifted windows concatenated on the channel axis, times the kernel reshaped
 to [k k C_in, C_out]) a plain 3x3 conv at 64 channels runs 1.6x faster, and the four subjects'
-DreamBooth steps looped (``parallel.map_subjects``) 1.4x faster than vmapped. On GPU and TPU XLA's
+DreamBooth steps looped (``parallel.map_subjects``) 1.50x faster than XLA's convs vmapped. On GPU and TPU XLA's
 convolution is the right one (taps would hold k x k copies of each input for the backward pass).
 The two agree to float rounding (tests/test_sd_conv.py).
 """
