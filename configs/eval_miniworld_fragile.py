@@ -7,9 +7,10 @@ DiffPure:
     python -m ldu_jax.cli.build_world --workdir=runs/mw_fragile --profile=fragile --stages=vae,export
     python -m ldu_jax.cli.evaluate --config=configs/eval_miniworld_fragile.py --workdir=runs/eval_fragile
 
-The full table is ~9 x 5 x 2 groups of attacks: run it in parts (``--config.methods``,
-``--config.settings``, ``--config.attacks``) into one work dir; each cell is cached, and the held-out
-identities are the same for any count (subject_0..3 of 4 are those of 8).
+The full table is 17 methods x 5 settings x 2 attacks per group of 4 identities: run it in parts
+(``--config.methods``, ``--config.settings``, ``--config.attacks``, ``--config.subjects``) into one
+work dir; each cell is cached, and the held-out identities are the same for any count (subject_0..3
+of 4 are those of 8).
 """
 import os
 
