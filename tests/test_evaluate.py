@@ -215,6 +215,8 @@ def test_eval_configs_reference_loadable_configs(name):
     for m in set(c.method_configs) | set(c.methods) - {"none"}:
         cfg = r.method_config(m)
         assert "eps" in cfg and "sd" in cfg
+        if "rho_checkpoint" in cfg:   # a cell's recipe names the ρ the evaluation uses, and only where one is
+            assert cfg.rho_checkpoint == (c.rho_checkpoint if runner.base_method(m) == "ldu" else "")
         if m.endswith("@published"):   # a variant: its own budget over its method's overrides
             assert cfg.eps == c.method_overrides[m]["eps"] != r.method_config(runner.base_method(m)).eps
     for a in c.attacks:

@@ -116,6 +116,8 @@ class Runner:
             cfg.sd = self.cfg.sd
         if "shortcut" in cfg and base.startswith("ldu"):
             cfg.shortcut = self.cfg.shortcut
+        if "rho_checkpoint" in cfg:   # the evaluation's ρ (ldu-opt has none), not the method config's path
+            cfg.rho_checkpoint = self.cfg.rho_checkpoint if base == "ldu" else ""
         return cfg
 
     def rho_checkpoint(self, cfg) -> str:
