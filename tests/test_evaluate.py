@@ -147,6 +147,8 @@ def test_a_method_variant_protects_with_its_method_at_its_own_budget(tiny_eval, 
     assert (cfg.eps, cfg.step_size) == (8 / 255, 1 / 255)
     stats = {m: r.protect("subject_0", m)[1] for m in c.methods}
     assert stats["photoguard"]["linf"] <= 2 / 255 + 1e-6 < stats["photoguard@wide"]["linf"] <= 8 / 255 + 1e-6
+    assert all(s["protect_s_per_image"] > 0 for s in stats.values())
+    assert r.protect("subject_0", "photoguard")[1] == stats["photoguard"]   # from protect.json, as measured
     assert os.path.isfile(tmp_path / "cells" / "subject_0" / "photoguard@wide" / "protect.json")
     c.methods = ("photoguard@", "photo guard")
     with pytest.raises(ValueError, match=r"config methods: 'photoguard@', 'photo guard' is not a method name"):
@@ -159,23 +161,35 @@ def test_results_table_is_mean_and_std_over_subjects():
     rows.append({"subject": "c", "method": "ldu", "setting": "none", "attack": "ti", "status": "failed",
                  "reason": "RuntimeError: boom"})
     md = report.results_markdown(rows)
-    assert "| ldu | none | ti | 2 | 36.000 ± 0.000 | 0.300 ± 0.100 |" in md
+    assert "| ldu | none | ti | 2 | 36.000 ± 0.000 | 0.300 ± 0.141 |" in md   # the sample std (n - 1)
     assert "c / ldu / none / ti: failed — RuntimeError: boom" in md
 
 
 def test_ism_drop_is_clean_minus_cell_per_subject_and_attack():
-    row = lambda s, m, st, a, ism: {"subject": s, "method": m, "setting": st, "attack": a,  # noqa: E731
-                                    "status": "done", "ism": ism}
-    rows = [row("a", "none", "none", "ti", 0.5), row("b", "none", "none", "ti", 0.7),
+    row = lambda s, m, st, a, ism, others=None: {"subject": s, "method": m, "setting": st,  # noqa: E731
+                                                 "attack": a, "status": "done", "ism": ism, "ism_others": others}
+    rows = [row("a", "none", "none", "ti", 0.5, 0.1), row("b", "none", "none", "ti", 0.7, 0.1),
             row("a", "ldu", "none", "ti", 0.3), row("b", "ldu", "none", "ti", 0.6),
             row("a", "ldu", "jpeg:quality=75", "ti", 0.45), row("a", "ldu", "none", "dreambooth", 0.2),
-            {**row("b", "ldu", "jpeg:quality=75", "ti", None), "status": "failed", "reason": "boom"}]
+            {**row("b", "ldu", "jpeg:quality=75", "ti", None), "status": "failed", "reason": "boom"},
+            row("a", "none", "jpeg:quality=75", "ti", 0.48)]
     out = report.with_ism_drop(rows)
     drops = [r.get("ism_drop") for r in out]
-    assert drops[:5] == pytest.approx([0.0, 0.0, 0.2, 0.1, 0.05]) and drops[5:] == [None, None]
+    assert drops[:5] == pytest.approx([0.0, 0.0, 0.2, 0.1, 0.05]) and drops[5:7] == [None, None]
     assert "ism_drop" not in rows[2]   # the input rows are not modified
+    # against the clean photos given the same purification; only purified rows have one
+    assert out[4]["ism_drop_purified"] == pytest.approx(0.03) and "ism_drop_purified" not in out[2]
+    assert [r.get("clean_gap") for r in out[:5]] == pytest.approx([0.4, 0.6, 0.4, 0.6, 0.4])
     md = report.results_markdown(out)
-    assert "ISM drop↑" in md and "| ldu | none | ti | 2 | 0.450 ± 0.150 | 0.150 ± 0.050 |" in md
+    # the cut: mean drop 0.15 over mean clean gap 0.5 of the same subjects
+    assert "ISM drop↑ | cut↑ |" in md and "| ldu | none | ti | 2 | 0.450 ± 0.212 | – | 0.150 ± 0.071 | 0.30 |" in md
+
+
+def test_results_table_shows_the_median_protection_seconds_per_image():
+    rows = [{"subject": s, "method": "aspl", "setting": "none", "attack": "ti", "status": "done", "ism": 0.3,
+             "protect_s_per_image": t} for s, t in (("a", 30.0), ("b", 1.5), ("c", 1.3))]   # a: compiling
+    md = report.results_markdown(rows)
+    assert "s / image |" in md and md.rstrip().endswith("| aspl | none | ti | 3 | 0.300 ± 0.000 | 1.5 |")
 
 
 
@@ -189,7 +203,8 @@ def test_ism_drop_against_psnr_plots_each_protection_group(tmp_path):
     points = report.tradeoff_points(report.summarize(rows))
     # the clean photos (PSNR inf) and a group without PSNR are no protection point
     assert [p[:3] for p in points] == [("advdm", "none", "dreambooth"), ("advdm", "jpeg:quality=75", "dreambooth")]
-    assert points[0][3:] == pytest.approx((36.5, 0.15, 0.05)) and points[1][3:] == pytest.approx((36.0, 0.05, 0.0))
+    assert points[0][3:] == pytest.approx((36.5, 0.15, 0.05 * 2 ** 0.5))   # the sample std (n - 1)
+    assert points[1][3:] == pytest.approx((36.0, 0.05, 0.0))
     report.write_plots(str(tmp_path), rows)
     assert os.path.getsize(tmp_path / "plots" / "ism_drop_vs_psnr.png") > 1000
     report.write_plots(str(tmp_path / "clean_only"), rows[:2])

@@ -15,14 +15,19 @@ from ldu_jax import files
 from ldu_jax.evaluate.measure import same_size
 
 COLUMNS = ("subject", "method", "setting", "attack", "status", "reason", "n_protected", "psnr", "ssim",
-           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "ism_drop", "fd_identity",
-           "brisque", "clip_iqa", "fid_generated", "seconds", "notes")
+           "linf", "fid_protected", "n_generated", "fdfr", "ism", "ism_others", "ism_drop", "ism_drop_purified",
+           "clean_gap", "fd_identity", "brisque", "clip_iqa", "fid_generated", "protect_s_per_image", "seconds",
+           "notes")
 # (column, label, higher is better for the protection?)
 TABLE_METRICS = (("psnr", "PSNR↑", None), ("ssim", "SSIM↑", None), ("fid_protected", "FID(prot)↓", None),
                  ("fdfr", "FDFR↑", True), ("ism", "ISM↓", False), ("ism_others", "ISM(others)", None),
-                 ("ism_drop", "ISM drop↑", True),
+                 ("ism_drop", "ISM drop↑", True), ("ism_drop_purified", "drop vs purified clean↑", True),
                  ("fd_identity", "FD(id)↑", True), ("brisque", "BRISQUE↑", True),
-                 ("clip_iqa", "CLIP-IQA↓", False), ("fid_generated", "FID(gen)↑", True))
+                 ("clip_iqa", "CLIP-IQA↓", False), ("fid_generated", "FID(gen)↑", True),
+                 ("protect_s_per_image", "s / image", None))
+# shown as the median over subjects: the first subject's protection includes compiling its programs
+MEDIAN_METRICS = ("protect_s_per_image",)
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9.=_-]+", "_", str(text)).strip("_") or "none"
 
@@ -44,14 +49,27 @@ def write_csv(path: str, rows):
 
 
 def with_ism_drop(rows) -> list[dict]:
-    """``rows`` with ``ism_drop`` = the clean photos' ISM (method and setting 'none') of the same
-    subject and attack minus the row's ISM, where both were measured."""
-    clean = {(r["subject"], r["attack"]): _num(r, "ism") for r in rows
-             if r.get("status") == "done" and r["method"] == "none" and r["setting"] == "none"}
+    """``rows`` compared with the clean photos' cells (method 'none') of the same subject and attack,
+    where both were measured: ``ism_drop`` = the clean cell's ISM (setting 'none') minus the row's;
+    ``ism_drop_purified`` (a purified row) = the ISM of the clean photos given the same purification
+    minus the row's; ``clean_gap`` = the clean cell's ISM minus its ISM(others), what a protection
+    can take away (a group's *cut* is its mean drop over its mean clean gap)."""
+    done = [r for r in rows if r.get("status") == "done"]
+    clean = {(r["subject"], r["attack"], r["setting"]): r for r in done if r["method"] == "none"}
     out = []
     for r in rows:
-        ref, ism = clean.get((r["subject"], r["attack"])), _num(r, "ism")
-        out.append({**r, "ism_drop": ref - ism} if r.get("status") == "done" and None not in (ref, ism) else r)
+        r, ism = dict(r), _num(r, "ism")
+        ref = clean.get((r["subject"], r["attack"], "none"))
+        purified = clean.get((r["subject"], r["attack"], r["setting"])) if r["setting"] != "none" else None
+        if r.get("status") == "done" and ref is not None:
+            own, others = _num(ref, "ism"), _num(ref, "ism_others")
+            if None not in (own, ism):
+                r["ism_drop"] = own - ism
+            if None not in (own, others):
+                r["clean_gap"] = own - others
+            if purified is not None and None not in (_num(purified, "ism"), ism):
+                r["ism_drop_purified"] = _num(purified, "ism") - ism
+        out.append(r)
     return out
 
 
@@ -64,6 +82,11 @@ def _num(r, k):
     return v if not math.isnan(v) else None
 
 
+def std(values) -> float:
+    """The sample standard deviation (n - 1) of the spread over subjects; 0 for one value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def mean_std(values) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -71,17 +94,32 @@ def mean_std(values) -> str:
     if any(math.isinf(v) for v in vals):
         return "∞"
     m = float(np.mean(vals))
-    return f"{m:.3f} ± {float(np.std(vals)):.3f}" if len(vals) > 1 else f"{m:.3f}"
+    return f"{m:.3f} ± {std(vals):.3f}" if len(vals) > 1 else f"{m:.3f}"
+
+
+def median(values) -> str:
+    vals = [v for v in values if v is not None]
+    return f"{float(np.median(vals)):.3g}" if vals else "–"
+
+
+def cut(group) -> float | None:
+    """The group's mean ISM drop over the mean clean gap of the same subjects (None without both)."""
+    pairs = [(d, g) for d, g in zip(group["ism_drop"], group["clean_gap"]) if None not in (d, g)]
+    if not pairs or np.mean([g for _, g in pairs]) <= 0:
+        return None
+    return float(np.mean([d for d, _ in pairs]) / np.mean([g for _, g in pairs]))
 
 
 def summarize(rows):
-    """{(method, setting, attack): {metric: [values over subjects]}} of the finished cells."""
+    """{(method, setting, attack): {metric: [values over subjects]}} of the finished cells (the
+    lists aligned by cell: None where a cell has no value)."""
+    keys = [k for k, _, _ in TABLE_METRICS] + ["clean_gap"]
     groups = {}
     for r in rows:
         if r.get("status") != "done":
             continue
-        g = groups.setdefault((r["method"], r["setting"], r["attack"]), {k: [] for k, _, _ in TABLE_METRICS})
-        for k, _, _ in TABLE_METRICS:
+        g = groups.setdefault((r["method"], r["setting"], r["attack"]), {k: [] for k in keys})
+        for k in keys:
             g[k].append(_num(r, k))
     return groups
 
@@ -89,14 +127,25 @@ def summarize(rows):
 def results_markdown(rows, cfg=None) -> str:
     groups = summarize(rows)
     cols = [(k, label) for k, label, _ in TABLE_METRICS if any(v is not None for g in groups.values() for v in g[k])]
+    with_cut = any(cut(g) is not None for g in groups.values())
+    labels = [label for _, label in cols]
+    if with_cut:
+        labels.insert([k for k, _ in cols].index("ism_drop") + 1, "cut↑")
     lines = ["# Evaluation results", "",
-             "Mean ± std over subjects. ↑/↓: the direction that means *better protection* "
-             "(for PSNR/SSIM/FID(prot): better imperceptibility).", ""]
-    lines.append("| method | setting | attack | n | " + " | ".join(label for _, label in cols) + " |")
-    lines.append("|" + "---|" * (4 + len(cols)))
+             "Mean ± sample std (n - 1) over subjects; s / image: the median over subjects of the "
+             "protection's seconds per photo. ↑/↓: the direction that means *better protection* "
+             "(for PSNR/SSIM/FID(prot): better imperceptibility). ISM drop: against the clean photos' "
+             "cell; drop vs purified clean: against the clean photos given the same purification; "
+             "cut: the mean ISM drop over the mean clean gap (clean ISM minus ISM(others)).", ""]
+    lines.append("| method | setting | attack | n | " + " | ".join(labels) + " |")
+    lines.append("|" + "---|" * (4 + len(labels)))
     for (m, s, a), g in groups.items():
         n = len(next(iter(g.values())))
-        lines.append(f"| {m} | {s} | {a} | {n} | " + " | ".join(mean_std(g[k]) for k, _ in cols) + " |")
+        cells = [median(g[k]) if k in MEDIAN_METRICS else mean_std(g[k]) for k, _ in cols]
+        if with_cut:
+            c = cut(g)
+            cells.insert([k for k, _ in cols].index("ism_drop") + 1, "–" if c is None else f"{c:.2f}")
+        lines.append(f"| {m} | {s} | {a} | {n} | " + " | ".join(cells) + " |")
     other = [r for r in rows if r.get("status") != "done"]
     if other:
         lines += ["", "Cells not measured:", ""]
@@ -140,7 +189,7 @@ def write_plots(workdir: str, rows):
                 for m in methods:
                     vals = _finite(groups.get((m, s, a), {}).get(key, []))
                     means.append(np.mean(vals) if vals else np.nan)
-                    stds.append(np.std(vals) if vals else 0.0)
+                    stds.append(std(vals))
                 ax.bar(np.arange(len(methods)) + j * width, means, width, yerr=stds, label=s)
             ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=30)
             ax.set_title(f"{label} — {a}")
@@ -169,7 +218,7 @@ def tradeoff_points(groups) -> list[tuple]:
     for (m, s, a), g in groups.items():
         psnr, drop = _finite(g["psnr"]), _finite(g["ism_drop"])
         if psnr and drop:
-            out.append((m, s, a, float(np.mean(psnr)), float(np.mean(drop)), float(np.std(drop))))
+            out.append((m, s, a, float(np.mean(psnr)), float(np.mean(drop)), std(drop)))
     return out
 
 

@@ -149,14 +149,16 @@ class Runner:
         # a partial earlier attempt: removed by process 0 before any host writes (a barrier either way)
         parallel.process0_first(lambda: shutil.rmtree(out, ignore_errors=True), "evaluate: partial protection removed",
                                 others=False)
+        t0 = time.time()
         rows = protect_job.protect_dir(base_method(method), cfg, None, clean, out, log=self.log,
                                        protector=self._protectors[method])
+        seconds = time.time() - t0   # the method's first folder in this process includes compiling
         bad = [r["file"] for r in rows if r.get("error") or not r.get("budget_ok")]
         if bad:
             raise RuntimeError(f"{method} could not protect {', '.join(bad)} of {clean}")
 
         def measure():   # across hosts: process 0 measures and writes; every host returns its numbers
-            stats = imperceptibility(clean, out, self.metrics)
+            stats = {**imperceptibility(clean, out, self.metrics), "protect_s_per_image": seconds / max(len(rows), 1)}
             files.write_json(os.path.join(base, "protect.json"), {**stats, "recipe": _plain(recipe)})
             return stats
         stats = parallel.process0_first(measure, "evaluate: protection measured", others=False)
