@@ -127,10 +127,11 @@ def summarize(rows):
 def results_markdown(rows, cfg=None) -> str:
     groups = summarize(rows)
     cols = [(k, label) for k, label, _ in TABLE_METRICS if any(v is not None for g in groups.values() for v in g[k])]
-    with_cut = any(cut(g) is not None for g in groups.values())
+    # the cut's column follows the ISM drop's (a cut needs drops)
+    at = [k for k, _ in cols].index("ism_drop") + 1 if any(cut(g) is not None for g in groups.values()) else None
     labels = [label for _, label in cols]
-    if with_cut:
-        labels.insert([k for k, _ in cols].index("ism_drop") + 1, "cut↑")
+    if at is not None:
+        labels.insert(at, "cut↑")
     lines = ["# Evaluation results", "",
              "Mean ± sample std (n - 1) over subjects; s / image: the median over subjects of the "
              "protection's seconds per photo. ↑/↓: the direction that means *better protection* "
@@ -142,9 +143,9 @@ def results_markdown(rows, cfg=None) -> str:
     for (m, s, a), g in groups.items():
         n = len(next(iter(g.values())))
         cells = [median(g[k]) if k in MEDIAN_METRICS else mean_std(g[k]) for k, _ in cols]
-        if with_cut:
+        if at is not None:
             c = cut(g)
-            cells.insert([k for k, _ in cols].index("ism_drop") + 1, "–" if c is None else f"{c:.2f}")
+            cells.insert(at, "–" if c is None else f"{c:.2f}")
         lines.append(f"| {m} | {s} | {a} | {n} | " + " | ".join(cells) + " |")
     other = [r for r in rows if r.get("status") != "done"]
     if other:
