@@ -19,3 +19,23 @@ import jax  # noqa: E402
 _CACHE = os.environ.get("LDU_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ldu-jax", "jax"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+# build_world's 'test' profile, shortened as the multi-host test runs it, with XLA's convs there
+# (see test_two_processes_build_the_world_as_one): built once in this process (1 x 8 devices) for
+# test_miniworld_build's checks and as the single-process side of the multi-host comparison.
+TEST_WORLD_SETTINGS = ("rho.quantize=False", "vae.max_steps=6", "vae.log_every=2", "vae.save_every=6",
+                       "t2i.max_steps=4", "t2i.log_every=2", "t2i.save_every=4")
+
+
+@pytest.fixture(scope="session")
+def test_world(tmp_path_factory):
+    """(work dir, manifest, log lines, settings) of one test-profile build; read it, do not write
+    into it."""
+    from ldu_jax.jobs import build_world
+    from ldu_jax.sd import conv
+    workdir, log = str(tmp_path_factory.mktemp("test_world")), []
+    with conv.using("xla"):
+        manifest = build_world.build(workdir, "test", log=log.append, settings=TEST_WORLD_SETTINGS)
+    return workdir, manifest, log, TEST_WORLD_SETTINGS

@@ -5,15 +5,13 @@ import os
 from ldu_jax.jobs import build_world as build
 
 
-def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path):
+def test_build_test_profile_makes_every_model_and_skips_finished_stages(test_world, tmp_path):
     from ldu_jax.miniworld import identity
     from ldu_jax.sd import models as sdm
     from ldu_jax.shortcut import sampling, trainer
     from ldu_jax.sources import shortcut as load_shortcut
     from ldu_jax.sd.models import latent_shape
-    w = str(tmp_path / "mw")
-    logs = []
-    manifest = build.build(w, "test", log=logs.append)
+    w, manifest, logs, settings = test_world
     assert all(manifest[s]["done"] for s in build.STAGES)
     assert sorted(os.listdir(os.path.join(w, "data", "heldout"))) == ["subject_0", "subject_1"]
     sd, params = sdm.load_sd(manifest["t2i"]["path"])  # the normal loading code reads the bundle
@@ -53,7 +51,7 @@ def test_build_test_profile_makes_every_model_and_skips_finished_stages(tmp_path
     except measure.Skip as e:
         assert "no face detected" in str(e)
     again = []
-    build.build(w, "test", log=again.append)
+    build.build(w, "test", log=again.append, settings=settings)
     assert all("done already" in line for line in again)  # every stage skipped on a rerun
     assert json.load(open(os.path.join(w, "manifest.json"))) == manifest
 

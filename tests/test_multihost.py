@@ -268,7 +268,7 @@ def _tree_digest(root):
             for d, _, names in os.walk(root) for f in names}
 
 
-def test_two_processes_build_the_world_as_one(tmp_path, monkeypatch):
+def test_two_processes_build_the_world_as_one(test_world, tmp_path, monkeypatch):
     """build_world's every stage (the 'test' profile: 8 training images; the identity model on
     global batches of 8 portraits + 8 non-faces, 4 steps; a VAE of global batch 8, here trained 6
     steps; the t2i model on global batches of 8, here 4 steps; the shortcut model, 4 steps of 8, and
@@ -285,10 +285,10 @@ def test_two_processes_build_the_world_as_one(tmp_path, monkeypatch):
     kernel gradient regroups no worse than XLA's across the two layouts. Not traced further; taps
     across processes are held to the Adam tolerance in test_two_processes_run_an_attack_as_one."""
     monkeypatch.setenv("LDU_JAX_SD_CONV", "xla")
-    args = ["-m", "ldu_jax.cli.build_world", "--profile=test", "--set=rho.quantize=False",
-            "--set=vae.max_steps=6", "--set=vae.log_every=2", "--set=vae.save_every=6",
-            "--set=t2i.max_steps=4", "--set=t2i.log_every=2", "--set=t2i.save_every=4"]
-    single, multi = one_and_two(args, tmp_path)
+    single, _, _, settings = test_world   # 1 x 8: built in the tests' process (conftest.py)
+    multi = str(tmp_path / "two")
+    run_processes(["-m", "ldu_jax.cli.build_world", "--profile=test", *(f"--set={s}" for s in settings),
+                   f"--workdir={multi}"], 2, 4)
     for folder in ("data", os.path.join("t2i", "tokenizer")):
         assert _tree_digest(os.path.join(single, folder)) == _tree_digest(os.path.join(multi, folder)), folder
     manifests = [json.load(open(os.path.join(w, "manifest.json"))) for w in (single, multi)]
