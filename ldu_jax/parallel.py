@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ldu_jax.errors import ConfigError
+from ldu_jax.errors import ConfigError, UserError
 
 AXIS = "data"
 SUBJECTS = "subjects"   # the evaluation's subject axis (attacks of several subjects in one program)
@@ -188,6 +188,11 @@ class ProcessFailed(RuntimeError):
     (``every_process``)."""
 
 
+class ProcessInputError(ProcessFailed, UserError):
+    """``ProcessFailed`` where the failed process stopped at a user error (a bad path or key): every
+    host says it in one line, as that one does."""
+
+
 def sync(name: str, timeout_s: int = 3600, status: str | None = None) -> str | None:
     """A barrier of every process; nothing in one process. It waits on the coordination service
     (up to ``timeout_s``), not on a device collective: on CPUs (gloo) a collective whose processes
@@ -224,8 +229,17 @@ def sync_each(name: str, status: str | None = None, timeout_s: int = 3600) -> li
     return [client.blocking_key_value_get(f"{key}/status/{i}", 60_000) or None for i in range(jax.process_count())]
 
 
+_USER = "user error: "   # a status's prefix when the failure was the user's input
+
+
 def _failure(err: BaseException | None) -> str | None:
-    return None if err is None else f"{type(err).__name__}: {err}"
+    return None if err is None else (_USER if isinstance(err, UserError) else "") + f"{type(err).__name__}: {err}"
+
+
+def _failed(name: str, process: int, status: str) -> ProcessFailed:
+    user = status.startswith(_USER)
+    return (ProcessInputError if user else ProcessFailed)(
+        f"{name}: process {process} failed ({status[len(_USER):] if user else status})")
 
 
 def every_process(fn, name: str):
@@ -244,7 +258,7 @@ def every_process(fn, name: str):
         raise err
     failed = [(i, s) for i, s in enumerate(statuses) if s]
     if failed:
-        raise ProcessFailed(f"{name}: process {failed[0][0]} failed ({failed[0][1]})")
+        raise _failed(name, *failed[0])
     return out
 
 
@@ -275,5 +289,5 @@ def process0_first(fn, name: str, others: bool = True):
     if err is not None:
         raise err
     if failed:
-        raise ProcessFailed(f"{name}: process 0 failed ({failed})")
+        raise _failed(name, 0, failed)
     return out if jax.process_index() == 0 or not others else fn()

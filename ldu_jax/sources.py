@@ -162,6 +162,7 @@ def dataset_folder(spec: str, workdir: str) -> str:
         root = os.path.join(workdir, "miniworld_train")
         world.write_training_set(root, *MINIWORLD_TRAIN)
         return os.path.join(root, "images")
+    data_lib.list_images(spec)   # a missing or empty folder stops here, before any model loads
     return spec
 
 

@@ -25,8 +25,8 @@ import pytest  # noqa: E402
 # build_world's 'test' profile, shortened as the multi-host test runs it, with XLA's convs there
 # (see test_two_processes_build_the_world_as_one): built once in this process (1 x 8 devices) for
 # test_miniworld_build's checks and as the single-process side of the multi-host comparison.
-TEST_WORLD_SETTINGS = ("rho.quantize=False", "vae.max_steps=6", "vae.log_every=2", "vae.save_every=6",
-                       "t2i.max_steps=4", "t2i.log_every=2", "t2i.save_every=4")
+TEST_WORLD_SETTINGS = ("rho.quantize=False", "rho.grid_every=2", "vae.max_steps=6", "vae.log_every=2",
+                       "vae.save_every=6", "t2i.max_steps=4", "t2i.log_every=2", "t2i.save_every=4")
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +39,17 @@ def test_world(tmp_path_factory):
     with conv.using("xla"):
         manifest = build_world.build(workdir, "test", log=log.append, settings=TEST_WORLD_SETTINGS)
     return workdir, manifest, log, TEST_WORLD_SETTINGS
+
+
+@pytest.fixture(scope="session")
+def trained_rho(tmp_path_factory):
+    """(config, work dir, state) of a short ρ training on the tiny models (configs/ldu_tiny.py)
+    with a loose budget (d < eps), starting from λ = 1; also the checkpoint the multi-host
+    protection test applies."""
+    from configs import ldu_tiny
+    from ldu_jax.jobs import protect
+    workdir = str(tmp_path_factory.mktemp("rho"))
+    c = ldu_tiny.get_config()
+    c.update(dict(max_steps=8, log_every=2, save_every=8, eps=0.5, lam_init=1.0, lam_lr=0.5, lr=1e-2, grid_every=8,
+                  constraint="dual", heldout="miniworld", heldout_draws=2))
+    return c, workdir, protect.train_rho(c, workdir, log=lambda s: None)

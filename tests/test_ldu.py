@@ -129,16 +129,6 @@ def test_multiplier_rises_when_violated_decays_to_zero_and_stays_bounded():
     assert float(ldu.update_multiplier(jnp.float32(2.0), jnp.float32(1.0), cfg(constraint="hinge"))) == 2.0
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A short ρ training with a loose budget (d < eps), starting from λ = 1."""
-    workdir = str(tmp_path_factory.mktemp("rho"))
-    c = cfg(max_steps=8, log_every=2, save_every=8, eps=0.5, lam_init=1.0, lam_lr=0.5, lr=1e-2, grid_every=8,
-            constraint="dual", heldout="miniworld", heldout_draws=2)
-    state = prun.train_rho(c, workdir, log=lambda s: None)
-    return c, workdir, state
-
-
 def test_rho_steps_raise_l_pers(setup):
     """Gradient ascent on L_pers: steps on the same draws (step counter held at 0) raise it."""
     c, models, params, ti_ids, db_ids, shape, state, x = setup
@@ -154,8 +144,8 @@ def test_rho_steps_raise_l_pers(setup):
     assert seen[-1] > seen[0], seen
 
 
-def test_training_lambda_decays_and_writes_outputs(trained):
-    c, workdir, state = trained
+def test_training_lambda_decays_and_writes_outputs(trained_rho):
+    c, workdir, state = trained_rho   # conftest.py
     m = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in m] == [2, 4, 6, 8]
     assert m[0]["lambda"] > 0 and float(state.lam) == 0.0  # d < eps: the multiplier decays to 0
@@ -192,8 +182,8 @@ def test_batchnorm_perturber_and_bf16(setup):
     assert m16.dit.dtype == jnp.bfloat16 and m16.sd.unet.dtype == jnp.bfloat16
 
 
-def test_apply_meets_budget_and_keeps_inputs(trained, tmp_path):
-    c, workdir, _ = trained
+def test_apply_meets_budget_and_keeps_inputs(trained_rho, tmp_path):
+    c, workdir, _ = trained_rho   # conftest.py
     from ldu_jax.jobs.protect import protect_dir as apply
     src = tmp_path / "in"
     src.mkdir()

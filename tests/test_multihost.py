@@ -1,5 +1,6 @@
-"""Many hosts on one machine: ``train.py``, ``perturb.py train``, ``perturb.py apply``,
-``build_world`` and ``attack ti|dreambooth`` started as 2 processes x 4 simulated CPU devices with a
+"""Many hosts on one machine: ``build_world`` (whose stages train the shortcut model and ρ with the
+trainers of ``train.py`` and ``perturb.py train``), ``perturb.py apply``, ``attack ti|dreambooth``
+and ``evaluate`` started as 2 processes x 4 simulated CPU devices with a
 plain coordinator on 127.0.0.1 (gloo collectives) give the result of 1 process x 8 devices with the
 same seed: the same global batches, loss curves and final parameters, the same protected files and
 one report.csv."""
@@ -11,7 +12,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,61 +81,6 @@ def assert_same_curve(a: dict, b: dict):
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
 
 
-@pytest.fixture(scope="module")
-def shortcut_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("multihost")
-    args = ["train.py", "--config=configs/shortcut_tiny.py", "--config.max_steps=6", "--config.log_every=2",
-            "--config.save_every=6", "--config.batch_size=16", "--config.sample_every=0", "--config.num_samples=0"]
-    return one_and_two(args, tmp)
-
-
-def test_two_processes_train_the_shortcut_model_as_one(shortcut_runs):
-    single, multi = shortcut_runs
-    a, b = _losses(single), _losses(multi)
-    assert sorted(a) == sorted(b) == [2, 4, 6]
-    # the same global batches and steps: the loss curves agree to float rounding of the reductions
-    # (other batches give losses 10% apart: the synthetic images' waves differ per draw)
-    assert len({round(v, 4) for v in a.values()}) == 3
-    assert_same_curve(a, b)
-    pa, _ = ckpt.restore_params(single, ema=False)
-    pb, _ = ckpt.restore_params(multi, ema=False)
-    assert jax.tree_util.tree_structure(pa) == jax.tree_util.tree_structure(pb)
-    # 6 AdamW steps (configs/shortcut_tiny.py: lr 1e-3) from the same initial weights, gradients
-    # reduced over 8 devices in another grouping: the DiT's forward and backward, ~60 layers deep
-    assert_adam_close(pb, pa, lr=1e-3, steps=6, depth=60)
-
-
-@pytest.fixture(scope="module")
-def rho_runs(tmp_path_factory):
-    """ρ trained for 4 steps (configs/ldu_tiny.py, global batch 8) by 1 process x 8 devices and by
-    2 processes x 4 devices, without the uint8 rounding of x' (``quantize``): its straight-through
-    rounding is a step function, so where the two runs' x' differ by an ulp next to a rounding
-    boundary a pixel moves by 1/255, and the next gradients by far more than rounding. Measured
-    (AMD EPYC): with it, 1 x 8 and 2 x 4 differ at the 99th percentile by 180x the tolerance below
-    (1 x 8 and 1 x 4: 6x); without it, by 0.25x (0.21x). The rounding is elementwise, the same on
-    any number of hosts; what this compares is the gradients' reduction across hosts."""
-    tmp = tmp_path_factory.mktemp("rho")
-    args = ["perturb.py", "train", "--config=configs/ldu_tiny.py", "--config.max_steps=4", "--config.log_every=2",
-            "--config.save_every=4", "--config.batch_size=8", "--config.quantize=False"]
-    return one_and_two(args, tmp)
-
-
-def test_two_processes_train_rho_as_one(rho_runs):
-    single, multi = rho_runs
-    a, b = _losses(single), _losses(multi)
-    assert sorted(a) == sorted(b) == [2, 4]
-    assert a[2] != a[4]   # the batches and ρ change between log steps
-    assert_same_curve(a, b)
-    ra, rb = (ckpt.restore_state(w)[0] for w in (single, multi))
-    assert int(np.asarray(ra["step"])) == int(np.asarray(rb["step"])) == 4
-    # 4 AdamW steps (lr 1e-3) through the pipeline (~250 layers) and ρ (14), forward and backward,
-    # as tests/test_ldu.py compares ρ's step on 8 devices with 1
-    assert_adam_close(rb["rho"], ra["rho"], lr=1e-3, steps=4, depth=530)
-    for w in (single, multi):   # process 0 wrote the logs and the last grid, once
-        assert os.path.exists(os.path.join(w, "grids", "step_4.png"))
-        assert len(open(os.path.join(w, "metrics.jsonl")).readlines()) == 2
-
-
 def _inputs(root):
     """7 photos of several sizes and one broken file: batches of 4 (configs/ldu_tiny.py's
     apply_batch) 0 and 1, so with 2 processes each protects one."""
@@ -152,7 +97,7 @@ def _report(out):
         return list(csv.DictReader(f))
 
 
-def test_two_processes_protect_a_folder_as_one(rho_runs, tmp_path):
+def test_two_processes_protect_a_folder_as_one(trained_rho, tmp_path):
     """apply split over 2 processes: each protects its batches on its own devices; every file is
     written once, and byte for byte as by 1 process; one report.csv in the input order. The
     output folder holds what a killed run across 3 processes left (a part file, a stale output):
@@ -164,7 +109,7 @@ def test_two_processes_protect_a_folder_as_one(rho_runs, tmp_path):
     with open(os.path.join(multi, ".report.part-2-of-3.json"), "w") as f:
         f.write("[]")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(multi, "p0.png"))
-    args = ["perturb.py", "apply", "--method=ldu", "--config=configs/ldu_tiny.py", f"--checkpoint={rho_runs[1]}",
+    args = ["perturb.py", "apply", "--method=ldu", "--config=configs/ldu_tiny.py", f"--checkpoint={trained_rho[1]}",
             f"--input={src}"]
     run_processes([*args, f"--output={single}"], 1, 8, rc=1)   # 1: p7.png could not be protected
     logs = run_processes([*args, f"--output={multi}"], 2, 4, rc=1)
@@ -185,11 +130,22 @@ def test_two_processes_protect_a_folder_as_one(rho_runs, tmp_path):
         assert f"protected 7 of 8 files into {multi}" in log   # every process returns every row
 
 
-def test_a_single_process_command_refuses_to_run_as_one_of_many(tmp_path):
+@pytest.mark.parametrize("command, error", [
+    (["perturb.py"], "runs in one process for now"),
+    (["perturb.py", "train", "--config=configs/ldu_tiny.py", "--config.dataset=/nonexistent", "--workdir=w"],
+     "/nonexistent does not exist"),
+    (["train.py", "--config=configs/shortcut_tiny.py", "--config.dataset=/nonexistent", "--workdir=w"],
+     "/nonexistent does not exist")], ids=["perturb.py demo", "perturb.py train", "train.py"])
+def test_which_commands_start_as_one_of_many(command, error, tmp_path):
     """The demo does not split its work across hosts: started as 2 processes it stops with one line
-    on each, instead of two hosts each doing everything."""
+    on each, instead of two hosts each doing everything. ``perturb.py train`` and ``train.py`` do
+    (their training across hosts is compared in test_two_processes_build_the_world_as_one): they
+    start, and stop at their input check before loading a model: process 0, which checks it, and
+    the other, which waited for it, each in one line."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "perturb.py"),
+    script, *args = command
+    args = [a.replace("=configs/", f"={ROOT}/configs/") for a in args]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args,
                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
                               cwd=tmp_path, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -197,7 +153,7 @@ def test_a_single_process_command_refuses_to_run_as_one_of_many(tmp_path):
         _, err = p.communicate(timeout=300)
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
-        assert len(lines) == 1 and "runs in one process for now" in lines[0]
+        assert len(lines) == 1 and error in lines[0], err[-3000:]
     assert not os.path.exists(tmp_path / "ldu_demo")
 
 
@@ -272,11 +228,18 @@ def test_two_processes_build_the_world_as_one(test_world, tmp_path, monkeypatch)
     """build_world's every stage (the 'test' profile: 8 training images; the identity model on
     global batches of 8 portraits + 8 non-faces, 4 steps; a VAE of global batch 8, here trained 6
     steps; the t2i model on global batches of 8, here 4 steps; the shortcut model, 4 steps of 8, and
-    ρ, 2 steps of 8 without the uint8 rounding (see rho_runs), on the training images; the export)
-    as 2 processes x 4 devices and as 1 x 8: process 0 writes the same data files and tokenizer;
-    each host renders or reads its rows of the same global batches, so the loss curves and the final
-    parameters agree; one manifest, one VAE folder, one t2i bundle and one export, written by
-    process 0.
+    ρ, 2 steps of 8, on the training images; the export) as 2 processes x 4 devices and as 1 x 8:
+    process 0 writes the same data files and tokenizer; each host renders or reads its rows of the
+    same global batches, so the loss curves and the final parameters agree; one manifest, one VAE
+    folder, one t2i bundle and one export, written by process 0. The shortcut and ρ stages are the
+    trainers of ``train.py`` and ``perturb.py train``: this is their test across hosts too.
+
+    ρ trains without the uint8 rounding of x' (``quantize``): its straight-through rounding is a
+    step function, so where the two runs' x' differ by an ulp next to a rounding boundary a pixel
+    moves by 1/255, and the next gradients by far more than rounding. Measured (AMD EPYC, the tiny
+    models, 4 steps): with it, 1 x 8 and 2 x 4 differ at the 99th percentile by 180x the tolerance
+    (1 x 8 and 1 x 4: 6x); without it, by 0.25x (0.21x). The rounding is elementwise, the same on
+    any number of hosts; what this compares is the gradients' reduction across hosts.
 
     With XLA's convs: as taps (sd/conv.py, CPU's default) the two layouts' VAE and t2i conv kernels
     measured (AMD EPYC) 1.1e-6 and 1.7e-6 apart at the 99th percentile after their steps, 18-28x
@@ -304,7 +267,7 @@ def test_two_processes_build_the_world_as_one(test_world, tmp_path, monkeypatch)
         assert sorted(a) == sorted(b) == ([2, 4, 6] if stage == "vae" else [2, 4]), stage
         assert len({round(v, 4) for v in a.values()}) == len(a), stage   # the batches and models change
         assert_same_curve(a, b)
-    for stage, rows in (("identity", 2), ("t2i", 2)):   # process 0 alone wrote the logs
+    for stage, rows in (("identity", 2), ("t2i", 2), ("shortcut", 2), ("rho", 2)):   # process 0 alone wrote the logs
         assert len(open(os.path.join(multi, stage, "metrics.jsonl")).readlines()) == rows, stage
     assert sorted(os.listdir(os.path.join(single, "t2i", "sd"))) == sorted(os.listdir(os.path.join(multi, "t2i", "sd")))
     pa, pb = (ckpt.restore_state(os.path.join(w, "vae"))[0]["params"] for w in (single, multi))
@@ -344,9 +307,11 @@ def test_two_processes_build_the_world_as_one(test_world, tmp_path, monkeypatch)
     # the VAE's latents (~15), after the VAE's own difference; EMA weights: depth 60
     assert_adam_close(sb, sa, lr=6e-4, steps=4, depth=60)
     ra, rb = (ckpt.restore_state(os.path.join(w, "export", "rho"))[0]["rho"] for w in (single, multi))
-    # 2 AdamW steps of ρ through the pipeline, without the uint8 rounding of x', as
-    # test_two_processes_train_rho_as_one: depth 530
+    # 2 AdamW steps of ρ through the pipeline (~250 layers) and ρ (14), forward and backward, as
+    # tests/test_ldu.py compares ρ's step on 8 devices with 1: depth 530
     assert_adam_close(rb, ra, lr=1e-3, steps=2, depth=530)
+    for w in (single, multi):   # and the last grid, once
+        assert os.listdir(os.path.join(w, "rho", "grids")) == ["step_2.png"]
 
 
 def _photos(root, n=4):
