@@ -153,7 +153,8 @@ def sample_folder(workdir: str, kind: str = SAMPLES, count: int = SAMPLE_COUNT) 
 
 def dataset_folder(spec: str, workdir: str) -> str:
     """The image folder of a training ``dataset``: a folder, 'samples' or 'miniworld' (the world's
-    training portraits, rendered into ``workdir`` once). Writing skips the images that exist, so
+    training portraits, rendered into ``workdir`` once; a folder must hold images: a DataError
+    otherwise, before any model loads). Writing skips the images that exist, so
     every host may call it after process 0 (``parallel.process0_first``), on a shared file system
     or its own disk."""
     if spec == SAMPLES:
@@ -162,7 +163,7 @@ def dataset_folder(spec: str, workdir: str) -> str:
         root = os.path.join(workdir, "miniworld_train")
         world.write_training_set(root, *MINIWORLD_TRAIN)
         return os.path.join(root, "images")
-    data_lib.list_images(spec)   # a missing or empty folder stops here, before any model loads
+    data_lib.list_images(spec)
     return spec
 
 
