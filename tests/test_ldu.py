@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import ldu_tiny
+from ldu_jax import data as data_lib
 from ldu_jax import parallel
 from ldu_jax.protect import ldu
 from ldu_jax.jobs import protect as prun
@@ -158,6 +159,17 @@ def test_training_lambda_decays_and_writes_outputs(trained_rho):
     assert len({r["l_pers_clean"] for r in h}) == 1 and h[0]["l_pers_clean"] > 0
     assert all(r["gain"] == pytest.approx(r["l_pers"] / r["l_pers_clean"] - 1, abs=0.05) for r in h)
     assert len({r["l_pers"] for r in h}) > 1          # ρ changes, so its images' loss does
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_training_on_a_bad_dataset_folder_fails_before_writing(tmp_path, kind):
+    folder = tmp_path / "photos"
+    if kind == "empty":
+        folder.mkdir()
+    workdir = tmp_path / "rho"
+    with pytest.raises(data_lib.DataError, match=str(folder)):
+        prun.train_rho(cfg(dataset=str(folder)), str(workdir), log=lambda s: None)
+    assert not workdir.exists()
 
 
 def test_batchnorm_perturber_and_bf16(setup):

@@ -80,14 +80,14 @@ def _crash_after(n_batches, monkeypatch, exc=KeyboardInterrupt):
     real = run.pixel_batches
 
     def crashing(*a, **kw):
-        it, close = real(*a, **kw)
+        batches_from, close = real(*a, **kw)
 
-        def gen():
-            for i, b in enumerate(it):
+        def gen(start_step):
+            for i, b in enumerate(batches_from(start_step)):
                 if i == n_batches:
                     raise exc("killed")
                 yield b
-        return gen(), close
+        return gen, close
     monkeypatch.setattr(run, "pixel_batches", crashing)
 
 
@@ -112,9 +112,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = run.pixel_batches
 
     def poisoned(*a, **kw):
-        it, close = real(*a, **kw)
-        start = a[1]
-        return ((x * np.nan if start + i >= 12 else x, y) for i, (x, y) in enumerate(it)), close
+        batches_from, close = real(*a, **kw)
+
+        def gen(start):
+            return ((x * np.nan if start + i >= 12 else x, y) for i, (x, y) in enumerate(batches_from(start)))
+        return gen, close
     monkeypatch.setattr(run, "pixel_batches", poisoned)
     workdir = str(tmp_path)
     with pytest.raises(run.TrainingDiverged, match=r"NaN or inf.*step 10"):
@@ -201,6 +203,7 @@ def test_cli_bad_inputs(tmp_path):
     os.makedirs(tmp_path / "empty")
     r = _cli(f"--workdir={tmp_path}/w", f"--config.dataset={tmp_path}/empty")
     assert r.returncode != 0 and f"{tmp_path}/empty" in r.stderr
+    assert not (tmp_path / "w").exists()   # the dataset is checked before the work dir is made
 
 
 def test_cli_skips_and_reports_bad_files(tmp_path):

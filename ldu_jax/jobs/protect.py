@@ -41,10 +41,10 @@ def train_rho(config, workdir: str, log=print):
     ρ is replicated over every device of every host, process 0 alone writes the logs, grids and the
     built-in image folders (the others read them after a barrier); every host takes part in the
     checkpoints. The result does not depend on the number of hosts."""
-    os.makedirs(workdir, exist_ok=True)
-    folder, heldout = parallel.process0_first(
+    folder, heldout = parallel.process0_first(   # checks a dataset folder before the work dir is made
         lambda: (sources.dataset_folder(config.dataset, workdir),
                  sources.heldout_folder(config.get("heldout", ""), workdir)), "ldu-rho: image folders written")
+    os.makedirs(workdir, exist_ok=True)
     models, params, ti_ids, db_ids, shape, res = load_models(config, log)
     parallel.sync("ldu-rho: models loaded")   # each host compiled its own model inits (see parallel.sync)
     mesh = parallel.batch_mesh(config.batch_size)

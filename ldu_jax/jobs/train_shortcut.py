@@ -21,24 +21,32 @@ from ldu_jax.shortcut import sampling, trainer
 TrainingDiverged = loop.TrainingDiverged
 
 
-def pixel_batches(config, start_step: int, local_batch: int, log=print):
-    """(iterator of (images [-1,1] NHWC, labels), close_fn): this host's rows of the global batches,
-    global batch k = f(seed, k) whatever the number of hosts (tfds: this host's shard)."""
+def pixel_batches(config, local_batch: int, log=print):
+    """(batches_from, close_fn): ``batches_from(start_step)`` iterates this host's rows of the global
+    batches (images [-1,1] NHWC, labels) from that step on; global batch k = f(seed, k) whatever the
+    number of hosts (tfds: this host's shard). An image folder is listed here, so that a bad dataset
+    is a DataError before the run writes anything."""
     pi, pc = jax.process_index(), jax.process_count()
     ds = config.dataset
+    labels = np.zeros(local_batch, np.int32)
     if ds == "synthetic":
-        it = data_lib.synthetic_batches(config.batch_size, config.image_size, 3, config.seed * 1000, start_step,
-                                        process_index=pi, process_count=pc)
-        return ((x, np.zeros(local_batch, np.int32)) for x in it), lambda: None
+        def synthetic(start_step):
+            it = data_lib.synthetic_batches(config.batch_size, config.image_size, 3, config.seed * 1000, start_step,
+                                            process_index=pi, process_count=pc)
+            return ((x, labels) for x in it)
+        return synthetic, lambda: None
     if ds.startswith("tfds:"):
-        return _tfds_batches(ds[5:], config, local_batch, pi, pc), lambda: None
+        return lambda start_step: _tfds_batches(ds[5:], config, local_batch, pi, pc), lambda: None
     folder = data_lib.ImageFolder(ds, config.image_size, process_index=pi, process_count=pc, log=log)
-    it = folder.batches(config.batch_size, config.seed, flip=config.random_flip, start_step=start_step)
+
+    def from_folder(start_step):
+        it = folder.batches(config.batch_size, config.seed, flip=config.random_flip, start_step=start_step)
+        return ((x, labels) for x in it)
 
     def close():
         if folder.bad:
             data_lib.report_bad(folder.bad, len(folder.paths), log)
-    return ((x, np.zeros(local_batch, np.int32)) for x in it), close
+    return from_folder, close
 
 
 def _tfds_batches(name, config, local_batch, pi, pc):
@@ -71,6 +79,7 @@ def train(config, workdir: str, log=print):
     if config.batch_size % n_dev:
         raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices")
     local_batch = config.batch_size // n_proc
+    pixels_from, close_data = pixel_batches(config, local_batch, log)
     os.makedirs(workdir, exist_ok=True)
 
     vae = sources.vae(config.vae)
@@ -100,10 +109,8 @@ def train(config, workdir: str, log=print):
         encode = jax.jit(lambda p, x, k: vae_lib.encode(vae, p, x, jax.random.fold_in(enc_key, k)),
                          in_shardings=(rep, dsh, None), out_shardings=dsh)
 
-    pixels, close_data = pixel_batches(config, start, local_batch, log)
-
     def batches():
-        for step, (images, labels) in enumerate(pixels, start):
+        for step, (images, labels) in enumerate(pixels_from(start), start):
             x = parallel.global_batch(mesh, images)
             yield (encode(vae.params, x, step) if encode is not None else x), parallel.global_batch(mesh, labels)
 
