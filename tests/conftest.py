@@ -53,3 +53,16 @@ def trained_rho(tmp_path_factory):
     c.update(dict(max_steps=8, log_every=2, save_every=8, eps=0.5, lam_init=1.0, lam_lr=0.5, lr=1e-2, grid_every=8,
                   constraint="dual", heldout="miniworld", heldout_draws=2))
     return c, workdir, protect.train_rho(c, workdir, log=lambda s: None)
+
+
+# pytest-xdist (pytest.ini: 2 workers, --dist loadgroup): a file's tests run on one worker, so its
+# module fixtures are built once; the files that use a session fixture above share one group, so
+# it is built once too. That group is the longest and starts first.
+_SHARED = {"test_world", "trained_rho"}
+
+
+def pytest_collection_modifyitems(config, items):
+    shared = {item.path for item in items if _SHARED & set(item.fixturenames)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("session-fixtures" if item.path in shared else item.path.stem))
+    items.sort(key=lambda item: item.path not in shared)
