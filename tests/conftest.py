@@ -13,6 +13,13 @@ if os.environ.get("LDU_JAX_TEST_DEVICES") or _FLAG not in _flags:
 os.environ["XLA_FLAGS"] = " ".join(_flags.split())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Under pytest-xdist each worker keeps to its own share of the cores: two processes whose XLA
+# thread pools each spanned both cores spent 1.7x the CPU time of one process for the same wall
+# time. (Subprocesses of the multi-host tests take every core again: tests/test_multihost.py.)
+_WORKER, _WORKERS = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKER and _WORKERS > 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= _WORKERS:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[int(_WORKER[2:])::_WORKERS])
+
 import jax  # noqa: E402
 
 # Compiled executables persist between runs (compilation dominates this suite's time on a CPU).
@@ -61,6 +68,7 @@ def trained_rho(tmp_path_factory):
 _SHARED = {"test_world", "trained_rho"}
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     shared = {item.path for item in items if _SHARED & set(item.fixturenames)}
     for item in items:

@@ -35,6 +35,12 @@ def _env(devices: int) -> dict:
     return env
 
 
+def _every_core():
+    """The hosts run on every core, not only on the pytest-xdist worker's share (conftest.py)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count()))
+
+
 def run_processes(argv, n: int, devices: int, timeout: int = 900, rc: int = 0):
     """Start ``n`` processes of ``argv`` (n > 1: with a coordinator on localhost); check that each
     ended with status ``rc``; return their (returncode, stderr, stdout)."""
@@ -46,7 +52,8 @@ def run_processes(argv, n: int, devices: int, timeout: int = 900, rc: int = 0):
         if argv[0] == "-m":   # every process writes its programs to the persistent cache
             argv = [os.path.join(ROOT, "tests", "multihost_main.py"), *argv[1:]]
         procs.append(subprocess.Popen([sys.executable, *argv, *extra], cwd=ROOT, env=_env(devices),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      preexec_fn=_every_core))
     out = []
     for p in procs:
         try:
