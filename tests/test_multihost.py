@@ -4,6 +4,7 @@ and ``evaluate`` started as 2 processes x 4 simulated CPU devices with a
 plain coordinator on 127.0.0.1 (gloo collectives) give the result of 1 process x 8 devices with the
 same seed: the same global batches, loss curves and final parameters, the same protected files and
 one report.csv."""
+import contextlib
 import csv
 import hashlib
 import json
@@ -35,10 +36,19 @@ def _env(devices: int) -> dict:
     return env
 
 
+@contextlib.contextmanager
 def _every_core():
-    """The hosts run on every core, not only on the pytest-xdist worker's share (conftest.py)."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, range(os.cpu_count()))
+    """Start the hosts on every core, not on the pytest-xdist worker's share (conftest.py): they
+    inherit the starting thread's affinity, and the worker only waits for them."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    share = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, range(os.cpu_count()))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, share)
 
 
 def run_processes(argv, n: int, devices: int, timeout: int = 900, rc: int = 0):
@@ -46,14 +56,14 @@ def run_processes(argv, n: int, devices: int, timeout: int = 900, rc: int = 0):
     ended with status ``rc``; return their (returncode, stderr, stdout)."""
     port = _free_port()
     procs = []
-    for i in range(n):
-        extra = [] if n == 1 else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
-                                   f"--process_id={i}"]
-        if argv[0] == "-m":   # every process writes its programs to the persistent cache
-            argv = [os.path.join(ROOT, "tests", "multihost_main.py"), *argv[1:]]
-        procs.append(subprocess.Popen([sys.executable, *argv, *extra], cwd=ROOT, env=_env(devices),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      preexec_fn=_every_core))
+    with _every_core():
+        for i in range(n):
+            extra = [] if n == 1 else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
+                                       f"--process_id={i}"]
+            if argv[0] == "-m":   # every process writes its programs to the persistent cache
+                argv = [os.path.join(ROOT, "tests", "multihost_main.py"), *argv[1:]]
+            procs.append(subprocess.Popen([sys.executable, *argv, *extra], cwd=ROOT, env=_env(devices),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
         try:
