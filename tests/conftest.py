@@ -63,14 +63,15 @@ def trained_rho(tmp_path_factory):
 
 
 # pytest-xdist (pytest.ini: 2 workers, --dist loadgroup): a file's tests run on one worker, so its
-# module fixtures are built once; the files that use a session fixture above share one group, so
-# it is built once too. That group is the longest and starts first.
+# module fixtures are built once; the tests that use a session fixture above share one group, so
+# it is built once too, and that group starts first. (No module fixture is used by tests on both
+# sides: test_ldu's `setup` is not used with trained_rho.)
 _SHARED = {"test_world", "trained_rho"}
 
 
 @pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    shared = {item.path for item in items if _SHARED & set(item.fixturenames)}
+    shared = {item.nodeid for item in items if _SHARED & set(item.fixturenames)}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("session-fixtures" if item.path in shared else item.path.stem))
-    items.sort(key=lambda item: item.path not in shared)
+        item.add_marker(pytest.mark.xdist_group("session-fixtures" if item.nodeid in shared else item.path.stem))
+    items.sort(key=lambda item: item.nodeid not in shared)
