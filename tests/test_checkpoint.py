@@ -207,3 +207,26 @@ def test_cli_checks_the_input_size(official_ckpt, tmp_path):
         official.convert(save_dir, c, str(tmp_path / "run2"), allow_pickle=True)
     assert official.convert(save_dir, c, str(tmp_path / "run2"), input_size=24, allow_pickle=True) == 123
     assert ckpt.restore_params(str(tmp_path / "run2"))[1]["data_shape"] == [24, 24, 3]
+
+
+def test_small_replicated_arrays_are_saved_whole_and_restore_exactly(tmp_path, monkeypatch):
+    """A small state replicated over the 8 devices is written by one replica, not sliced into 8
+    on-device pieces (one dispatched op each: checkpoint.MIN_REPLICA_SLICE_BYTES), and reads back."""
+    from orbax.checkpoint._src.serialization import replica_slices
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
+    assert mesh.size == 8
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"w": jax.device_put(jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8), rep),
+             "step": jax.device_put(jnp.asarray(3), rep)}
+    sliced = []
+    real = replica_slices.ReplicaSlice.data
+    monkeypatch.setattr(replica_slices.ReplicaSlice, "data", lambda self: sliced.append(self.slice_args) or real(self))
+    manager = ckpt.make_manager(str(tmp_path))
+    ckpt.save(manager, 3, state, {"param_shapes": ckpt.param_shapes(state)})
+    manager.wait_until_finished()
+    assert sliced and all(a is None for a in sliced), sliced       # written whole, from one replica
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+    back = ckpt.restore_latest(ckpt.make_manager(str(tmp_path)), abstract, {"param_shapes": ckpt.param_shapes(state)},
+                               str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(state["w"]))
+    assert int(back["step"]) == 3
