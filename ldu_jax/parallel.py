@@ -30,8 +30,16 @@ def _multihost_env() -> bool:
 MODES = ("auto", "on", "off")
 
 
+# Where process 0 works alone at the end (an attack's samples, an evaluation's measurements and
+# report), the other processes finish first and wait for it at JAX's shutdown barrier. Past that
+# barrier's timeout (JAX's default: 300 s) every process is aborted, process 0 in the middle of its
+# work. A process that dies does not hold the others there: when process 0 dies they stop at once,
+# when another does, process 0 stops after the heartbeat timeout (100 s; both measured).
+SHUTDOWN_TIMEOUT_S = 24 * 3600
+
+
 def initialize(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0,
-               process_id: int = -1) -> bool:
+               process_id: int = -1, shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> bool:
     """Start the multi-host runtime (``jax.distributed.initialize``): the one start-up path of
     every command (``ldu_jax.cli`` calls it before the command's main, from its flags), before any
     other JAX work. Returns whether this is a distributed run.
@@ -40,7 +48,8 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     multi-task Slurm / MPI job or a multi-host TPU slice), ``on`` or ``off``. A TPU pod slice,
     Slurm and MPI need no other argument; a plain set of machines gives ``coordinator_address``
     (host:port of process 0), ``num_processes`` and this ``process_id`` (0 and -1: from the
-    environment). Calling it again is a no-op."""
+    environment). ``shutdown_timeout_s``: how long the processes wait for each other at exit.
+    Calling it again is a no-op."""
     if mode not in MODES:
         raise ConfigError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off" or not (mode == "on" or coordinator_address or _multihost_env()):
@@ -51,7 +60,7 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
         raise ConfigError(f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
                           f"--process_id in [0, num_processes), got {num_processes} and {process_id}")
     kw = dict(coordinator_address=coordinator_address or None, num_processes=num_processes or None,
-              process_id=None if process_id < 0 else process_id)
+              process_id=None if process_id < 0 else process_id, shutdown_timeout_seconds=shutdown_timeout_s)
     jax.distributed.initialize(**kw)
     return True
 

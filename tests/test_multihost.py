@@ -200,6 +200,35 @@ def test_when_process0_fails_for_all_the_others_stop_too(tmp_path):
     assert errs[1].strip().splitlines()[-1] == "ProcessFailed: export: process 0 failed (OSError: disk full)"
 
 
+_PROCESS0_LAST = """
+import sys, time
+from ldu_jax import parallel
+parallel.initialize("on", sys.argv[1], 2, int(sys.argv[2]), shutdown_timeout_s=int(sys.argv[3]))
+if sys.argv[2] == "0":
+    time.sleep(4)   # process 0's work alone at the end, the others already done
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("timeout", [20, 1])
+def test_process0_finishes_its_work_alone_while_the_others_wait(timeout, tmp_path):
+    """Process 0 works alone for 4 s after the others finished (as with an attack's samples). The
+    others wait for it at JAX's shutdown barrier: within the timeout (parallel.SHUTDOWN_TIMEOUT_S
+    by default, a day; JAX's own default, 300 s, is less than such work can take) both end
+    normally; past it JAX aborts both, process 0 before its work is done."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS0_LAST, f"127.0.0.1:{port}", str(i), str(timeout)],
+                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    out = [p.communicate(timeout=120) for p in procs]
+    if timeout > 4:
+        assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for _, e in out]
+        assert [o.strip() for o, _ in out] == ["finished", "finished"]
+    else:
+        assert all(p.returncode != 0 for p in procs)
+        assert "finished" not in out[0][0] and "Shutdown barrier" in out[0][1], out[0][1][-3000:]
+
+
 _HOST1_FAILS = """
 import sys
 import numpy as np
