@@ -210,6 +210,20 @@ def test_ism_drop_against_psnr_plots_each_protection_group(tmp_path):
     report.write_plots(str(tmp_path / "clean_only"), rows[:2])
     assert not os.path.exists(tmp_path / "clean_only" / "plots" / "ism_drop_vs_psnr.png")
 
+
+def test_ism_drop_against_psnr_gives_a_method_and_its_budgets_one_colour():
+    """12 methods, beyond one 10-colour cycle: each base method its own colour, its variant (at the
+    published budget) the same colour hollow, and a line through the base's budgets per setting."""
+    bases = ["ldu", "ldu-opt", "advdm", "aspl", "fsmg", "photoguard", "mist", "sds", "pid", "metacloak", "a", "b"]
+    points = [(m, "none", "ti", 36.0 + i / 10, 0.01 * i, 0.0) for i, m in enumerate(bases)]
+    points += [("advdm@published", "none", "ti", 31.4, 0.2, 0.1), ("advdm@published", "jpeg:quality=75", "ti",
+                                                                      31.4, 0.05, 0.0)]
+    styles = report.tradeoff_styles(points)
+    assert len({styles[m][0] for m in bases}) == len(bases)
+    assert styles["advdm@published"] == (styles["advdm"][0], False) and styles["advdm"][1]
+    curves = report.tradeoff_curves(points)
+    assert curves == {("advdm", "none", "ti"): [(31.4, 0.2), (36.2, 0.02)]}
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="no config key 'max_stepz'"):
         config_file.load("configs/attack_ti_tiny.py", {"max_stepz": 1})

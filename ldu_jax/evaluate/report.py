@@ -223,26 +223,50 @@ def tradeoff_points(groups) -> list[tuple]:
     return out
 
 
+def tradeoff_styles(points) -> dict:
+    """{method: (colour index, filled)}: a method and its variants (``name@variant``, e.g. at the
+    published budget) share the base method's colour; the base is drawn filled, a variant hollow."""
+    bases = list(dict.fromkeys(p[0].split("@")[0] for p in points))
+    return {m: (bases.index(m.split("@")[0]), "@" not in m) for m in dict.fromkeys(p[0] for p in points)}
+
+
+def tradeoff_curves(points) -> dict:
+    """{(base method, setting, attack): [(PSNR, ISM drop), ...] by PSNR}: a method's budgets,
+    joined in the plot, where it has more than one."""
+    curves = {}
+    for m, s, a, psnr, drop, _ in points:
+        curves.setdefault((m.split("@")[0], s, a), []).append((psnr, drop))
+    return {k: sorted(v) for k, v in curves.items() if len(v) > 1}
+
+
 def _plot_tradeoff(plt, points, attacks, path):
     """One panel per attack: ISM drop (mean ± std over subjects) against the protected photos' PSNR;
-    a colour per method, a marker per setting."""
-    methods = list(dict.fromkeys(p[0] for p in points))
+    a colour per base method (``tradeoff_styles``), a marker per setting, a thin line through a
+    method's budgets (``tradeoff_curves``)."""
     settings = list(dict.fromkeys(p[1] for p in points))
-    colours = plt.get_cmap("tab10")
+    styles = tradeoff_styles(points)
+    n_colours = 1 + max(c for c, _ in styles.values())
+    cmap = plt.get_cmap("tab10" if n_colours <= 10 else "tab20")
+    colour = lambda i: cmap(i % cmap.N)   # noqa: E731
     markers = "osD^v<>px*"
-    fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(attacks), figsize=(7.5 * len(attacks), 4.2), squeeze=False)
+    curves = tradeoff_curves(points)
+    base_colour = {m.split("@")[0]: c for m, (c, _) in styles.items()}
     for ax, a in zip(axes[0], attacks):
+        for (base, s, pa), xy in curves.items():
+            if pa == a:
+                ax.plot(*zip(*xy), color=colour(base_colour[base]), lw=0.6, alpha=0.6)
         for m, s, pa, psnr, drop, std in points:
             if pa != a:
                 continue
-            i, j = methods.index(m), settings.index(s)
-            ax.errorbar(psnr, drop, yerr=std, fmt=markers[j % len(markers)], color=colours(i % 10), capsize=2,
-                        label=f"{m} / {s}")
+            c, filled = styles[m]
+            ax.errorbar(psnr, drop, yerr=std, fmt=markers[settings.index(s) % len(markers)], color=colour(c),
+                        markerfacecolor=colour(c) if filled else "none", capsize=2, label=f"{m} / {s}")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("PSNR of the protected photos (dB)")
         ax.set_ylabel("ISM drop vs clean ↑")
         ax.set_title(f"ISM drop against PSNR — {a}")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     _save(plt, fig, path)
 
