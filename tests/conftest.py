@@ -22,10 +22,15 @@ if _WORKER and _WORKERS > 1 and hasattr(os, "sched_setaffinity") and len(os.sche
 
 import jax  # noqa: E402
 
-# Compiled executables persist between runs (compilation dominates this suite's time on a CPU).
+# Compiled executables persist between runs (compilation dominates this suite's time on a CPU),
+# every one of them: the small programs of eager ops (a few hundred in an attack test, each compiled
+# in ~0.04 s) cost more to compile again than to load. An attack test with a warm cache: 97-103 s
+# when only programs over 0.5 s were kept, 74-80 s with all (run alternately, 2.3 MB more cache).
+# The environment variable reaches the commands the tests start as subprocesses too.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 _CACHE = os.environ.get("LDU_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ldu-jax", "jax"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 import pytest  # noqa: E402
 

@@ -30,8 +30,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
     env.pop("LDU_JAX_TEST_DEVICES", None)
     return env
 
