@@ -1,6 +1,7 @@
 """The evaluation runner: tiny end-to-end run, cache on rerun, skipped cells, the results table."""
 import csv
 import json
+import math
 import os
 import shutil
 
@@ -241,17 +242,25 @@ def test_eval_configs_reference_loadable_configs(name):
     assert {runner.base_method(m) for m in c.methods} - {"none"} <= set(c.method_configs)
     assert set(c.attacks) <= set(c.attack_configs)
     r = runner.Runner(c, "unused")
-    for m in set(c.method_configs) | set(c.methods) - {"none"}:
+    for m in (set(c.method_configs) | set(c.methods) | set(c.method_overrides)) - {"none"}:
         cfg = r.method_config(m)
         assert "eps" in cfg and "sd" in cfg
         if "rho_checkpoint" in cfg:   # a cell's recipe names the ρ the evaluation uses, and only where one is
             assert cfg.rho_checkpoint == (c.rho_checkpoint if runner.base_method(m) == "ldu" else "")
-        if m.endswith("@published"):   # a variant: its own budget over its method's overrides
+        if "@" in m:   # a variant: its own budget over its method's overrides
             assert cfg.eps == c.method_overrides[m]["eps"] != r.method_config(runner.base_method(m)).eps
     for a in c.attacks:
         assert "model" in config_file.load(c.attack_configs[a], c.attack_overrides.get(a, {}))
     from ldu_jax import purify
     [purify.parse(s) for s in c.settings]
+
+
+def test_ldu_budget_variants_sit_at_their_psnr():
+    from configs import eval_miniworld
+    assert eval_miniworld.mse_budget(10 * math.log10(4 / (8 / 255) ** 2)) == pytest.approx((8 / 255) ** 2)
+    for db in eval_miniworld.LDU_OPT_PSNRS:   # PSNR on [0, 1] of the MSE budget on [-1, 1]
+        eps = eval_miniworld.get_config().method_overrides[f"ldu-opt@{db}dB"]["eps"]
+        assert 10 * math.log10(4 / eps) == pytest.approx(db)
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
