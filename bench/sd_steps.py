@@ -18,16 +18,8 @@ looped over them (``parallel.map_subjects`` on CPU), against N steps of one subj
 
     python bench/sd_steps.py --models=miniworld --dtypes=float32 --sources=moments --batch=4 \
         --convs=xla,taps --subjects=4
-
-``--attention=softmax,late`` measures each step with the UNet's and VAE's attention as a plain
-softmax of the weights (defined here, the form before) and as the library's (``sd.attention``,
-normalised after the value product):
-
-    python bench/sd_steps.py --models=miniworld --dtypes=float32 --sources=moments --batch=4 \
-        --subjects=4 --attention=softmax,late
 """
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -44,7 +36,7 @@ from configs import attack_db_tiny, attack_ti_tiny  # noqa: E402
 from ldu_jax.miniworld import MODELS  # noqa: E402
 from ldu_jax import parallel  # noqa: E402
 from ldu_jax.personalize import common, dreambooth, textual_inversion as ti  # noqa: E402
-from ldu_jax.sd import autoencoder, conv, unet  # noqa: E402
+from ldu_jax.sd import conv  # noqa: E402
 from ldu_jax.sd import models as sdm  # noqa: E402
 from ldu_jax.sd import schedule as sch  # noqa: E402
 
@@ -69,27 +61,6 @@ def sd_shaped(dtype):
     return sd, params
 
 
-def softmax_attention(q, k, v, upcast=False):
-    """``sd.attention.attention`` as the weights' softmax times the values (the form before)."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    w = jax.nn.softmax(s.astype(jnp.float32) if upcast else s, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", w.astype(v.dtype), v)
-
-
-@contextlib.contextmanager
-def attention_form(form: str):
-    """Modules traced inside compute attention as ``form``: 'late' (the library's) or 'softmax'."""
-    if form not in ("late", "softmax"):
-        raise SystemExit(f"--attention: late or softmax, got {form!r}")
-    saved = unet.attention, autoencoder.attention
-    if form == "softmax":
-        unet.attention = autoencoder.attention = softmax_attention
-    try:
-        yield
-    finally:
-        unet.attention, autoencoder.attention = saved
-
-
 def measure(fn, args, steps):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -109,7 +80,7 @@ def measure(fn, args, steps):
 
 def row(name, dtype, step, source, impl, program, compile_s, step_s, peak, one_s=None):
     vs = f"{one_s * 1e3 * int(program.split()[-1]) / (step_s * 1e3):9.2f}x" if one_s else f"{'':10}"
-    print(f"{name:10} {dtype:9} {step:4} {source:8} {impl:13} {program:12} {compile_s:9.1f} {step_s * 1e3:9.0f} "
+    print(f"{name:10} {dtype:9} {step:4} {source:8} {impl:5} {program:12} {compile_s:9.1f} {step_s * 1e3:9.0f} "
           f"{vs} {peak / 2 ** 20:12.0f}", flush=True)
 
 
@@ -144,29 +115,21 @@ def bench_model(name, impl, args):
         sd_t, p_t, tok = sdm.add_placeholder_token(sd, params, "<bench>", "person")
         for source in args.sources.split(","):
             x = given[source]
-            if "TI" in args.kinds.split(","):   # Textual Inversion
-                bench_ti(name, dtype, impl, source, sd_t, p_t, tok, sched, x, args)
-            if "DB" in args.kinds.split(","):   # DreamBooth (UNet fine-tuning with prior preservation)
-                bench_db(name, dtype, impl, source, sd, params, sched, x, args)
-
-
-def bench_ti(name, dtype, impl, source, sd_t, p_t, tok, sched, x, args):
-    cfg = attack_ti_tiny.get_config()
-    tx, _ = ti.make_optimizer(cfg, args.batch)
-    ids = jnp.asarray(ti.template_ids(sd_t, "<bench>", "person"))
-    step = ti.make_step(sd_t, sched, tx, tok, args.batch, 0)
-    measure_all(name, dtype, "TI", source, impl, step, ti.init_state(p_t, tok, tx), (p_t, x, ids),
-                args.steps, args.subjects)
-
-
-def bench_db(name, dtype, impl, source, sd, params, sched, x, args):
-    cfg = attack_db_tiny.get_config()
-    tx = dreambooth.make_optimizer(cfg)
-    ids = jnp.asarray(sdm.tokenize(sd, [cfg.instance_prompt, cfg.class_prompt]))
-    step = dreambooth.make_step(sd, sched, tx, cfg, args.batch, 0)
-    state = dreambooth.init_state(params, cfg, tx, jax.random.PRNGKey(0))
-    measure_all(name, dtype, "DB", source, impl, step, state,
-                (dreambooth.frozen_params(params, cfg), x, x, ids[0], ids[1]), args.steps, args.subjects)
+            # Textual Inversion
+            cfg = attack_ti_tiny.get_config()
+            tx, _ = ti.make_optimizer(cfg, args.batch)
+            ids = jnp.asarray(ti.template_ids(sd_t, "<bench>", "person"))
+            step = ti.make_step(sd_t, sched, tx, tok, args.batch, 0)
+            measure_all(name, dtype, "TI", source, impl, step, ti.init_state(p_t, tok, tx), (p_t, x, ids),
+                        args.steps, args.subjects)
+            # DreamBooth (UNet fine-tuning with prior preservation)
+            cfg = attack_db_tiny.get_config()
+            tx = dreambooth.make_optimizer(cfg)
+            ids = jnp.asarray(sdm.tokenize(sd, [cfg.instance_prompt, cfg.class_prompt]))
+            step = dreambooth.make_step(sd, sched, tx, cfg, args.batch, 0)
+            state = dreambooth.init_state(params, cfg, tx, jax.random.PRNGKey(0))
+            measure_all(name, dtype, "DB", source, impl, step, state,
+                        (dreambooth.frozen_params(params, cfg), x, x, ids[0], ids[1]), args.steps, args.subjects)
 
 
 def main():
@@ -178,16 +141,13 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--convs", default="auto", help="comma list of xla, taps, auto")
     ap.add_argument("--subjects", type=int, default=1)
-    ap.add_argument("--kinds", default="TI,DB", help="comma list of TI, DB")
-    ap.add_argument("--attention", default="late", help="comma list of late (the library's), softmax")
     args = ap.parse_args()
-    print(f"{'model':10} {'dtype':9} {'step':4} {'source':8} {'conv/attn':13} {'program':12} {'compile_s':>9} "
+    print(f"{'model':10} {'dtype':9} {'step':4} {'source':8} {'conv':5} {'program':12} {'compile_s':>9} "
           f"{'ms/step':>9} {'vs 1 by 1':>10} {'xla_peak_MiB':>12}")
     for name in args.models.split(","):
         for impl in args.convs.split(","):
-            for form in args.attention.split(","):
-                with conv.using(impl), attention_form(form):
-                    bench_model(name, f"{impl}/{form}", args)
+            with conv.using(impl):
+                bench_model(name, impl, args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ shape for shape, so its msgpack files and checkpoints load unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from ldu_jax.errors import ConfigError
-from ldu_jax.sd.attention import attention
 from ldu_jax.sd.conv import conv
 
 Dtype = Any
@@ -132,9 +132,9 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         y = _norm(self.groups, self.dtype, "group_norm")(x).reshape(b, h * w, c)
         q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(y) for n in ("query", "key", "value"))
-        heads = (a[:, :, None] for a in (q, k, v))   # one head
-        y = attention(*heads, upcast=True)[:, :, 0]   # torch upcasts the weights too
-        y = nn.Dense(c, dtype=self.dtype, name="proj_attn")(y)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # torch upcasts it too
+        y = nn.Dense(c, dtype=self.dtype, name="proj_attn")(jnp.einsum("bqk,bkc->bqc", weights, v))
         return x + y.reshape(b, h, w, c)
 
 

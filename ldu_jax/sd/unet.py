@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from ldu_jax.errors import ConfigError
-from ldu_jax.sd.attention import attention
 from ldu_jax.sd.conv import conv
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -221,7 +220,8 @@ class Attention(nn.Module):
             return y.reshape(b, y.shape[1], self.heads, d)
 
         q, k, v = proj("to_q", x), proj("to_k", ctx), proj("to_v", ctx)
-        out = attention(q, k, v).reshape(b, n, c)
+        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * d ** -0.5, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, c)
         return nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
 
 
